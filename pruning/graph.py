@@ -1,0 +1,419 @@
+"""Channel groups discovered from the model's graph (torch.fx), not written by hand per architecture.
+
+A *channel group* is a set of channels that must be kept or removed together: every tensor whose channel
+dimension is tied to another's (residual adds, a depthwise conv and its producer, an SE gate multiplying
+the expansion channels) falls into one group. Each group lists its *members*, the layers that must be
+sliced when the group shrinks:
+
+* ``out``: a channel-mixing layer (dense conv, linear) that produces the group's channels,
+* ``in``: a channel-mixing layer that consumes them,
+* ``channel``: a channelwise layer with per-channel parameters (batch norm, depthwise conv).
+
+Every layer's MACs are ``coefficient * out_width * in_width`` (``* width`` for channelwise layers), so the
+model's MACs are an exact function of the group widths; :mod:`pruning.cost` evaluates it.
+"""
+from __future__ import annotations
+
+import fnmatch
+import math
+import operator
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .layers import ChannelMap, LayerCost, UnsupportedLayerError, find_rule
+
+INPUT_GROUP = "input"
+
+
+@dataclass(frozen=True)
+class Member:
+    """One layer slice of a group: ``role`` is ``out``, ``in`` or ``channel`` (see module docstring)."""
+
+    module: str
+    role: str
+
+
+@dataclass
+class ChannelGroup:
+    """Channels that are kept or removed together.
+
+    Attributes:
+        name: the first layer producing the group's channels (``input`` for the image channels).
+        width: number of channels in the unpruned model.
+        members: layers sliced when the group shrinks, in execution order.
+        prunable: False when the group touches the model's input or output, or is protected.
+        reason: why the group is not prunable (empty when it is).
+    """
+
+    name: str
+    width: int
+    members: list[Member] = field(default_factory=list)
+    prunable: bool = True
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class LayerUse:
+    """A layer with parameters, the groups of its output and input channels, and its cost coefficients."""
+
+    module: str
+    channel_map: ChannelMap
+    out_group: str
+    in_group: str | None  # None for channelwise layers
+    cost: LayerCost
+
+
+@dataclass
+class ChannelGraph:
+    """Groups and layers of one model at one input size; ``groups`` is in execution order."""
+
+    model_name: str
+    input_size: tuple[int, int, int]
+    groups: dict[str, ChannelGroup]
+    layers: list[LayerUse]
+    protected_patterns: tuple[str, ...]
+
+    def prunable_groups(self) -> list[ChannelGroup]:
+        return [g for g in self.groups.values() if g.prunable]
+
+    def full_widths(self) -> dict[str, int]:
+        return {name: g.width for name, g in self.groups.items()}
+
+
+# ---------------------------------------------------------------------------------------------- tracing
+
+
+class _LeafTracer(fx.Tracer):
+    """Stops at layers that have a rule (and at timm's no-trace modules), so every call_module is a layer."""
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        from timm.layers import _fx as timm_fx
+
+        if find_rule(m) is not None or timm_fx.is_notrace_module(type(m)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module) -> fx.GraphModule:
+    """Symbolically trace ``model`` with layers as leaves."""
+    from timm.layers import _fx as timm_fx
+
+    tracer = _LeafTracer(autowrap_functions=tuple(timm_fx.get_notrace_functions()))
+    try:
+        graph = tracer.trace(model)
+    except Exception as e:  # fx raises many types; all mean "dynamic control flow we cannot follow"
+        raise UnsupportedLayerError(
+            f"torch.fx could not trace {type(model).__name__}: {e}. Channel groups are derived from the fx "
+            "graph; models with data-dependent control flow are not supported."
+        ) from e
+    return fx.GraphModule(model, graph)
+
+
+# --------------------------------------------------------------------------------- channel union-find
+
+
+class _Classes:
+    """Union-find over channel spaces. Each class has a width; unions require equal widths."""
+
+    def __init__(self) -> None:
+        self.parent: list[int] = []
+        self.width: list[int] = []
+
+    def new(self, width: int) -> int:
+        self.parent.append(len(self.parent))
+        self.width.append(width)
+        return len(self.parent) - 1
+
+    def find(self, c: int) -> int:
+        while self.parent[c] != c:
+            self.parent[c] = self.parent[self.parent[c]]
+            c = self.parent[c]
+        return c
+
+    def union(self, a: int, b: int, where: str) -> int:
+        ra, rb = self.find(a), self.find(b)
+        if self.width[ra] != self.width[rb]:
+            raise UnsupportedLayerError(f"{where}: ties channel spaces of widths {self.width[ra]} and {self.width[rb]}")
+        self.parent[max(ra, rb)] = min(ra, rb)  # the earlier class stays root: names follow execution order
+        return min(ra, rb)
+
+
+# ------------------------------------------------------------------------------ function-level op rules
+
+_UNARY = {
+    torch.sigmoid, torch.relu, torch.tanh, F.relu, F.relu6, F.silu, F.gelu, F.hardsigmoid, F.hardswish, F.mish,
+    F.sigmoid, F.tanh, F.dropout, F.leaky_relu, F.elu, F.adaptive_avg_pool2d, F.adaptive_max_pool2d,
+    F.avg_pool2d, F.max_pool2d, torch.clone,
+}
+_UNARY_METHODS = {
+    "sigmoid", "sigmoid_", "relu", "relu_", "tanh", "tanh_", "contiguous", "clone", "float", "to", "type_as",
+}
+_BINARY = {
+    operator.add, operator.mul, operator.sub, operator.truediv, operator.iadd, operator.imul, operator.isub,
+    operator.itruediv, torch.add, torch.mul, torch.sub, torch.div,
+}
+_BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
+_REDUCE = {torch.mean, torch.sum, torch.amax}
+_REDUCE_METHODS = {"mean", "sum", "amax"}
+_RESHAPE = {torch.flatten, torch.reshape}
+_RESHAPE_METHODS = {"flatten", "view", "reshape"}
+
+
+def _timm_unary() -> set:
+    import timm.layers.activations as ta
+
+    names = ["swish", "sigmoid", "tanh", "hard_sigmoid", "hard_swish", "mish", "hard_mish", "gelu", "gelu_tanh"]
+    return {getattr(ta, n) for n in names if hasattr(ta, n)}
+
+
+def _shape(node: fx.Node) -> tuple[int, ...] | None:
+    meta = node.meta.get("tensor_meta")
+    return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
+
+
+def _where(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    scope = next(reversed(stack.values()), ("", None))[0] if stack else ""
+    target = getattr(node.target, "__name__", node.target)
+    return f"operation {target!r} (node {node.name!r}{', in module ' + repr(scope) if scope else ''})"
+
+
+class _Discovery:
+    """One pass over the fx graph: assigns a channel class to every tensor and records layers."""
+
+    def __init__(self, gm: fx.GraphModule) -> None:
+        self.gm = gm
+        self.modules = dict(gm.named_modules())
+        self.classes = _Classes()
+        self.chan: dict[fx.Node, int] = {}
+        self.layers: list[tuple[str, ChannelMap, int, int | None, LayerCost]] = []
+        self.fixed: dict[int, str] = {}
+        self.seen_modules: set[str] = set()
+        self.unary = _UNARY | _timm_unary()
+
+    def run(self) -> None:
+        for node in self.gm.graph.nodes:
+            handler = getattr(self, f"_on_{node.op}")
+            handler(node)
+
+    # -- node kinds
+    def _on_placeholder(self, node: fx.Node) -> None:
+        shape = _shape(node)
+        c = self.classes.new(shape[1])
+        self.chan[node] = c
+        self.fixed[c] = "model input"
+
+    def _on_get_attr(self, node: fx.Node) -> None:
+        value = operator.attrgetter(node.target)(self.gm)
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            raise UnsupportedLayerError(
+                f"tensor {node.target!r} is used directly in the forward pass, outside a layer with a rule; "
+                "its channel semantics are unknown. Register a layer rule for the module that owns it."
+            )
+
+    def _on_output(self, node: fx.Node) -> None:
+        for arg in _flatten_nodes(node.args):
+            if arg in self.chan:
+                self.fixed[self.chan[arg]] = "model output"
+
+    def _on_call_module(self, node: fx.Node) -> None:
+        module = self.modules[node.target]
+        rule = find_rule(module)
+        if rule is None:
+            raise UnsupportedLayerError(
+                f"module {node.target!r} of type {type(module).__name__} has no layer rule, so its channel "
+                "semantics are unknown; register one with pruning.layers.register_rule"
+            )
+        src = self._single_input(node, f"module {node.target!r}")
+        try:
+            cmap = rule.channel_map(module)
+        except UnsupportedLayerError as e:
+            raise UnsupportedLayerError(f"module {node.target!r} ({type(module).__name__}): {e}") from None
+        has_params = any(True for _ in module.parameters(recurse=True))
+        if has_params and node.target in self.seen_modules:
+            raise UnsupportedLayerError(f"module {node.target!r} is called more than once; shared layers are not supported")
+        self.seen_modules.add(node.target)
+        out_shape = _shape(node)
+        if cmap is ChannelMap.MIX:
+            out_c = self.classes.new(out_shape[1])
+            self.layers.append((node.target, cmap, out_c, self.chan[src], rule.cost(module, out_shape)))
+            self.chan[node] = out_c
+            return
+        self._check_channels_kept(src, node, f"module {node.target!r} ({type(module).__name__})")
+        self.chan[node] = self.chan[src]
+        if has_params:
+            self.layers.append((node.target, cmap, self.chan[src], None, rule.cost(module, out_shape)))
+
+    def _on_call_function(self, node: fx.Node) -> None:
+        self._on_op(node, node.target, is_method=False)
+
+    def _on_call_method(self, node: fx.Node) -> None:
+        self._on_op(node, node.target, is_method=True)
+
+    # -- ops
+    def _on_op(self, node: fx.Node, target: Any, is_method: bool) -> None:
+        tensor_inputs = [a for a in _flatten_nodes(node.args) + _flatten_nodes(node.kwargs) if a in self.chan]
+        if _shape(node) is None or not tensor_inputs:
+            return  # shape queries and other non-tensor values carry no channels
+        where = _where(node)
+        if target in (_BINARY_METHODS if is_method else _BINARY):
+            return self._broadcast(node, tensor_inputs, where)
+        if target in (_UNARY_METHODS if is_method else self.unary):
+            return self._passthrough(node, tensor_inputs, where)
+        if target in (_REDUCE_METHODS if is_method else _REDUCE):
+            self._check_reduce_dims(node, where)
+            return self._passthrough(node, tensor_inputs, where)
+        if target in (_RESHAPE_METHODS if is_method else _RESHAPE):
+            self._check_reshape(node, tensor_inputs[0], where)
+            return self._passthrough(node, tensor_inputs, where)
+        raise UnsupportedLayerError(
+            f"{where} is not known to the channel-group discovery, so pruning through it could silently "
+            "break the model. Supported: elementwise activations, add/mul/sub/div with channel broadcasting, "
+            "spatial pooling and means, flatten of spatial dims, and layers with a registered rule."
+        )
+
+    def _passthrough(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
+        if len(inputs) != 1:
+            raise UnsupportedLayerError(f"{where}: expected one tensor input, got {len(inputs)}")
+        self._check_channels_kept(inputs[0], node, where)
+        self.chan[node] = self.chan[inputs[0]]
+
+    def _broadcast(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
+        out_shape = _shape(node)
+        tied = None
+        for a in inputs:
+            shape = _shape(a)
+            if len(shape) == 0 or math.prod(shape) == 1:
+                continue  # a scalar tensor scales every channel alike
+            if len(shape) != len(out_shape):
+                raise UnsupportedLayerError(f"{where}: operand of rank {len(shape)} broadcast to rank {len(out_shape)}")
+            if shape[1] == 1:
+                continue  # broadcast over channels: does not tie them
+            tied = self.chan[a] if tied is None else self.classes.union(tied, self.chan[a], where)
+        if tied is None:
+            raise UnsupportedLayerError(f"{where}: no operand carries the output's channels")
+        self.chan[node] = tied
+
+    def _check_channels_kept(self, src: fx.Node, node: fx.Node, where: str) -> None:
+        a, b = _shape(src), _shape(node)
+        if len(a) < 2 or len(b) < 2 or a[1] != b[1]:
+            raise UnsupportedLayerError(f"{where} changes the channel dim from {a} to {b}; it must keep it")
+
+    def _check_reduce_dims(self, node: fx.Node, where: str) -> None:
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        rank = len(_shape(node.args[0]))
+        dims = [dims] if isinstance(dims, int) else dims
+        if dims is None or any(d % rank in (0, 1) for d in dims):
+            raise UnsupportedLayerError(f"{where} reduces over the batch or channel dim (dims={dims})")
+
+    def _check_reshape(self, node: fx.Node, src: fx.Node, where: str) -> None:
+        a, b = _shape(src), _shape(node)
+        if len(b) < 2 or a[:2] != b[:2] or math.prod(a[2:]) != math.prod(b[2:]):
+            raise UnsupportedLayerError(f"{where} reshapes {a} to {b}, mixing channels with other dims")
+
+    def _single_input(self, node: fx.Node, where: str) -> fx.Node:
+        inputs = [a for a in _flatten_nodes(node.args) + _flatten_nodes(node.kwargs) if a in self.chan]
+        if len(inputs) != 1:
+            raise UnsupportedLayerError(f"{where}: expected one tensor input, got {len(inputs)}")
+        return inputs[0]
+
+
+def _flatten_nodes(args: Any) -> list[fx.Node]:
+    out: list[fx.Node] = []
+    fx.node.map_arg(args, out.append)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- assembly
+
+
+def is_protected(module_name: str, patterns: Iterable[str]) -> str | None:
+    """The first pattern that protects ``module_name`` (exact, glob, or a parent module), else None."""
+    for p in patterns:
+        if module_name == p or module_name.startswith(p + ".") or fnmatch.fnmatchcase(module_name, p):
+            return p
+    return None
+
+
+def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, ChannelGroup], list[LayerUse]]:
+    find = d.classes.find
+    names: dict[int, str] = {}
+    for module, cmap, out_c, in_c, _ in d.layers:
+        if cmap is ChannelMap.MIX:
+            names.setdefault(find(out_c), module)
+    for c in d.fixed:
+        names.setdefault(find(c), INPUT_GROUP)
+    groups: dict[str, ChannelGroup] = {}
+    for root in sorted(names):  # roots are the earliest class: execution order
+        groups[names[root]] = ChannelGroup(name=names[root], width=d.classes.width[root])
+    layers = []
+    for module, cmap, out_c, in_c, cost in d.layers:
+        out_g = names[find(out_c)]
+        in_g = names[find(in_c)] if in_c is not None else None
+        layers.append(LayerUse(module, cmap, out_g, in_g, cost))
+        if cmap is ChannelMap.MIX:
+            groups[out_g].members.append(Member(module, "out"))
+            groups[in_g].members.append(Member(module, "in"))
+        else:
+            groups[out_g].members.append(Member(module, "channel"))
+    for c, reason in d.fixed.items():
+        g = groups[names[find(c)]]
+        g.prunable, g.reason = False, reason
+    for g in groups.values():
+        _apply_protection(g, patterns)
+    return groups, layers
+
+
+def _apply_protection(group: ChannelGroup, patterns: Sequence[str]) -> None:
+    if not group.prunable:
+        return
+    for m in group.members:
+        if m.role in ("out", "channel") and (p := is_protected(m.module, patterns)):
+            group.prunable, group.reason = False, f"protected by pattern {p!r} (layer {m.module!r})"
+            return
+
+
+def build_channel_graph(
+    model: nn.Module,
+    img_size: int | Sequence[int],
+    protected: Sequence[str] | None = None,
+) -> ChannelGraph:
+    """Discover the channel groups of ``model`` and the cost coefficients of its layers at ``img_size``.
+
+    Args:
+        model: a CNN (any timm model made of layers with registered rules). Its state is not changed.
+        img_size: input resolution, an int (square) or ``(H, W)``.
+        protected: module-name patterns whose produced channels are never pruned (a name, its parent
+            module, or a glob). ``None`` uses the family default (stem, first stage and head).
+
+    Returns:
+        The model's :class:`ChannelGraph`.
+
+    Raises:
+        UnsupportedLayerError: an operation whose channel semantics are unknown, naming it.
+    """
+    from .protect import default_protected
+
+    patterns = tuple(default_protected(model) if protected is None else protected)
+    hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    in_chans = getattr(model, "pretrained_cfg", {}).get("input_size", (3,))[0]
+    gm = trace(model)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            param = next(model.parameters())
+            ShapeProp(gm).propagate(torch.zeros(1, in_chans, *hw, device=param.device, dtype=param.dtype))
+    finally:
+        model.train(was_training)
+    discovery = _Discovery(gm)
+    discovery.run()
+    groups, layers = _assemble(discovery, patterns)
+    name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+    return ChannelGraph(name, (in_chans, *hw), groups, layers, patterns)

@@ -1,0 +1,205 @@
+"""Layer rules: how each layer type maps channels, what it costs, and how it is physically sliced.
+
+Graph discovery, the cost model and physical pruning never special-case layer types; they ask the rule
+registered for the module's type. A new layer type is supported by registering one rule::
+
+    @register_rule(MyNorm)
+    class MyNormRule(ChannelwiseRule):
+        def prune_out(self, module, idx): ...
+
+Lookup walks the module's MRO, so subclasses (timm's ``Conv2dSame``, ``BatchNormAct2d``, ``Linear``)
+inherit the rule of their base class.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+from torch import nn
+
+
+class ChannelMap(enum.Enum):
+    """How a layer's output channels relate to its input channels."""
+
+    MIX = "mix"  # every output channel reads every input channel (dense conv, linear): a new channel space
+    CHANNELWISE = "channelwise"  # output channel i reads input channel i only (norm, depthwise conv, activation)
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Cost of one layer at a fixed spatial size, as a function of its widths.
+
+    For a MIX layer: ``MACs = macs_per_pair * out_width * in_width`` and
+    ``params = params_per_pair * out_width * in_width + params_per_out * out_width``.
+    For a CHANNELWISE layer ``in_width`` is 1 (its single width is the output width).
+    """
+
+    macs_per_pair: int = 0
+    params_per_pair: int = 0
+    params_per_out: int = 0
+
+
+class UnsupportedLayerError(ValueError):
+    """A layer or operation whose channel semantics are unknown: pruning through it could be silently wrong."""
+
+
+class LayerRule:
+    """Base rule. Subclasses say how a layer maps channels, what it costs, and how it is sliced."""
+
+    def channel_map(self, module: nn.Module) -> ChannelMap:
+        return ChannelMap.CHANNELWISE
+
+    def cost(self, module: nn.Module, output_shape: Sequence[int]) -> LayerCost:
+        return LayerCost()
+
+    def prune_out(self, module: nn.Module, idx: torch.Tensor) -> None:
+        """Keep only output channels ``idx`` (for CHANNELWISE layers: the channels)."""
+
+    def prune_in(self, module: nn.Module, idx: torch.Tensor) -> None:
+        """Keep only input channels ``idx`` (MIX layers only)."""
+
+
+_RULES: dict[type, LayerRule] = {}
+
+
+def register_rule(*module_types: type) -> Callable[[type[LayerRule]], type[LayerRule]]:
+    """Class decorator registering a rule (instantiated once) for ``module_types`` and their subclasses."""
+
+    def wrap(rule_cls: type[LayerRule]) -> type[LayerRule]:
+        rule = rule_cls()
+        for t in module_types:
+            _RULES[t] = rule
+        return rule_cls
+
+    return wrap
+
+
+def find_rule(module: nn.Module) -> LayerRule | None:
+    """The rule registered for ``module``'s type or its nearest registered base class, else None."""
+    for cls in type(module).__mro__:
+        if cls in _RULES:
+            return _RULES[cls]
+    return None
+
+
+def _replace_param(module: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:
+    old = getattr(module, name)
+    if old is None:
+        return
+    new = old.data.index_select(dim, idx.to(old.device)).clone()
+    if isinstance(old, nn.Parameter):
+        setattr(module, name, nn.Parameter(new, requires_grad=old.requires_grad))
+    else:
+        setattr(module, name, new)
+
+
+def is_depthwise(conv: nn.Conv2d) -> bool:
+    """True for a depthwise conv with one filter per input channel (no channel multiplier)."""
+    return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
+
+
+@register_rule(nn.Conv2d)
+class ConvRule(LayerRule):
+    """Dense convs mix channels; depthwise convs are channelwise. Other grouped convs are refused."""
+
+    def channel_map(self, module: nn.Conv2d) -> ChannelMap:
+        if module.groups == 1:
+            return ChannelMap.MIX
+        if is_depthwise(module):
+            return ChannelMap.CHANNELWISE
+        raise UnsupportedLayerError(
+            f"grouped conv with groups={module.groups}, in={module.in_channels}, out={module.out_channels} "
+            "is not supported (only dense and depthwise convs); protect it or register a rule for it"
+        )
+
+    def cost(self, module: nn.Conv2d, output_shape: Sequence[int]) -> LayerCost:
+        kernel = math.prod(module.kernel_size)
+        spatial = math.prod(output_shape[2:])
+        return LayerCost(
+            macs_per_pair=spatial * kernel,
+            params_per_pair=kernel,
+            params_per_out=1 if module.bias is not None else 0,
+        )
+
+    def prune_out(self, module: nn.Conv2d, idx: torch.Tensor) -> None:
+        _replace_param(module, "weight", idx, 0)
+        _replace_param(module, "bias", idx, 0)
+        if is_depthwise(module):
+            module.in_channels = module.groups = len(idx)
+        module.out_channels = len(idx)
+
+    def prune_in(self, module: nn.Conv2d, idx: torch.Tensor) -> None:
+        _replace_param(module, "weight", idx, 1)
+        module.in_channels = len(idx)
+
+
+@register_rule(nn.Linear)
+class LinearRule(LayerRule):
+    def channel_map(self, module: nn.Linear) -> ChannelMap:
+        return ChannelMap.MIX
+
+    def cost(self, module: nn.Linear, output_shape: Sequence[int]) -> LayerCost:
+        # rows per sample: 1 for a classifier on pooled features; batch dim is excluded by the caller
+        rows = math.prod(output_shape[1:-1])
+        return LayerCost(macs_per_pair=rows, params_per_pair=1, params_per_out=1 if module.bias is not None else 0)
+
+    def prune_out(self, module: nn.Linear, idx: torch.Tensor) -> None:
+        _replace_param(module, "weight", idx, 0)
+        _replace_param(module, "bias", idx, 0)
+        module.out_features = len(idx)
+
+    def prune_in(self, module: nn.Linear, idx: torch.Tensor) -> None:
+        _replace_param(module, "weight", idx, 1)
+        module.in_features = len(idx)
+
+
+@register_rule(nn.modules.batchnorm._BatchNorm)
+class BatchNormRule(LayerRule):
+    def cost(self, module: nn.modules.batchnorm._BatchNorm, output_shape: Sequence[int]) -> LayerCost:
+        return LayerCost(params_per_out=2 if module.affine else 0)
+
+    def prune_out(self, module: nn.modules.batchnorm._BatchNorm, idx: torch.Tensor) -> None:
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            _replace_param(module, name, idx, 0)
+        module.num_features = len(idx)
+
+
+def _elementwise_types() -> list[type]:
+    """Parameter-free modules that act on each channel independently (activations, dropout, pooling)."""
+    import timm.layers as tl
+    import timm.layers.activations as ta
+
+    types = [
+        nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
+        nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
+        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, tl.DropPath,
+    ]
+    names = ["GELU", "GELUTanh", "HardMish", "HardSigmoid", "HardSwish", "Mish", "QuickGELU", "Sigmoid", "Swish", "Tanh"]
+    types += [getattr(ta, n) for n in names if hasattr(ta, n)]
+    return types
+
+
+@register_rule(*_elementwise_types())
+class ElementwiseRule(LayerRule):
+    """Parameter-free, channel-preserving modules. The graph checks that the channel dim keeps its size."""
+
+
+def _check_pool(module: nn.Module) -> None:
+    if getattr(module, "pool_type", "avg") in ("catavgmax", "avgmaxc"):
+        raise UnsupportedLayerError(f"global pool type {module.pool_type!r} concatenates channels")
+
+
+def _register_timm_pool() -> None:
+    from timm.layers import SelectAdaptivePool2d
+
+    @register_rule(SelectAdaptivePool2d)
+    class SelectAdaptivePoolRule(ElementwiseRule):
+        def channel_map(self, module: nn.Module) -> ChannelMap:
+            _check_pool(module)
+            return ChannelMap.CHANNELWISE
+
+
+_register_timm_pool()
