@@ -91,3 +91,13 @@ def test_real_weights_classify_imagenet_val() -> None:
             correct += (model(x).argmax(1) == y).sum().item()
     top1 = correct / len(samples)
     assert top1 >= MIN_TOP1, f"top-1 {top1:.1%} on {len(samples)} val images; the key mapping is likely wrong"
+
+
+def test_lite0_transform_uses_imagenet_statistics():
+    """The package's weights expect ImageNet mean/std; timm's TF-port config (0.5/0.5) would cost accuracy."""
+    from timm.data import IMAGENET_DEFAULT_MEAN
+
+    from pruning.data import eval_transform
+
+    normalize = eval_transform(load_pretrained_lite0(), 224).transforms[-1]
+    assert tuple(normalize.mean.tolist()) == pytest.approx(IMAGENET_DEFAULT_MEAN)

@@ -1,0 +1,269 @@
+"""Channel importance: ``criterion(model, graph, batches) -> {group name: per-channel scores}``.
+
+Every criterion scores the channels of each prunable group; a group's score sums over the layers that
+produce its channels (dense and depthwise convs, linears), so tied channels add their scores as in the
+paper. A new criterion is one subclass of :class:`Importance` registered with :func:`register_importance`.
+
+Criteria:
+
+* ``taylor_weight`` (the authors' code): eval mode, gradient of the mean cross-entropy over N images,
+  then ``sum over the filter of |W * dL/dW|``. No per-layer normalisation.
+* ``taylor_activation`` (Molchanov et al., 2017): ``|mean over space of a * dL/da|`` per image and feature
+  map, averaged over images, on the outputs of the producing layers.
+* ``l1`` (weight magnitude), ``bn_scale`` (|gamma| of the group's batch norms), ``random``.
+
+Under torch.distributed, data-driven criteria all-reduce their sums, so every rank holds identical scores
+equal to a single process's on the union of the shards.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, ClassVar, Iterable, Mapping
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ._io import atomic_torch_save
+from .graph import ChannelGraph
+
+Scores = dict[str, torch.Tensor]
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
+
+IMPORTANCES: dict[str, type["Importance"]] = {}
+
+
+def register_importance(cls: type["Importance"]) -> type["Importance"]:
+    """Class decorator: make a criterion available by its ``name``."""
+    IMPORTANCES[cls.name] = cls
+    return cls
+
+
+def create_importance(name: str, **kwargs: Any) -> "Importance":
+    """The criterion registered as ``name``, with a clear error listing the known names."""
+    if name not in IMPORTANCES:
+        raise ValueError(f"unknown importance criterion {name!r}; choose one of {sorted(IMPORTANCES)}")
+    return IMPORTANCES[name](**kwargs)
+
+
+def scored_layers(graph: ChannelGraph, model: nn.Module) -> list[tuple[str, str]]:
+    """``(group, module)`` for every layer that produces a prunable group's channels and has a filter bank."""
+    modules = dict(model.named_modules())
+    pairs = []
+    for group in graph.prunable_groups():
+        for m in group.members:
+            weight = getattr(modules[m.module], "weight", None)
+            if m.role in ("out", "channel") and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+                pairs.append((group.name, m.module))
+    return pairs
+
+
+def _sum_per_group(graph: ChannelGraph, pairs, per_layer: Callable[[str], torch.Tensor]) -> Scores:
+    scores = {g.name: torch.zeros(g.width, dtype=torch.float64) for g in graph.prunable_groups()}
+    for group, module in pairs:
+        scores[group] += per_layer(module).detach().double().cpu()
+    return scores
+
+
+class Importance:
+    """Base criterion. ``needs_data`` criteria consume ``(images, labels)`` batches."""
+
+    name: ClassVar[str] = ""
+    needs_data: ClassVar[bool] = False
+
+    def __call__(self, model: nn.Module, graph: ChannelGraph, batches: Batches | None = None) -> Scores:
+        raise NotImplementedError
+
+
+@register_importance
+class L1Importance(Importance):
+    """Sum of |W| over each output filter of the producing layers."""
+
+    name = "l1"
+
+    def __call__(self, model, graph, batches=None) -> Scores:
+        modules = dict(model.named_modules())
+        return _sum_per_group(graph, scored_layers(graph, model), lambda n: modules[n].weight.abs().flatten(1).sum(1))
+
+
+@register_importance
+class BNScaleImportance(Importance):
+    """|gamma| of the group's batch norms; a group with no batch norm (SE reduce) gets the model's mean |gamma|."""
+
+    name = "bn_scale"
+
+    def __call__(self, model, graph, batches=None) -> Scores:
+        modules = dict(model.named_modules())
+        scores, without_bn, gammas = {}, [], []
+        for group in graph.prunable_groups():
+            bns = [modules[m.module] for m in group.members if isinstance(modules[m.module], nn.modules.batchnorm._BatchNorm)]
+            if not bns:
+                without_bn.append(group)
+                continue
+            scores[group.name] = sum(bn.weight.detach().abs().double() for bn in bns)
+            gammas.append(scores[group.name])
+        neutral = torch.cat(gammas).mean() if gammas else torch.tensor(1.0, dtype=torch.float64)
+        scores.update({g.name: torch.full((g.width,), float(neutral), dtype=torch.float64) for g in without_bn})
+        return {g.name: scores[g.name] for g in graph.prunable_groups()}
+
+
+@register_importance
+class RandomImportance(Importance):
+    """Uniform random scores from a seeded generator (same seed, same scores)."""
+
+    name = "random"
+
+    def __init__(self, seed: int = 0) -> None:
+        self.seed = seed
+
+    def __call__(self, model, graph, batches=None) -> Scores:
+        gen = torch.Generator().manual_seed(self.seed)
+        return {g.name: torch.rand(g.width, generator=gen, dtype=torch.float64) for g in graph.prunable_groups()}
+
+
+class _DataImportance(Importance):
+    """Shared loop of the gradient criteria: eval mode, cross-entropy, a progress bar, all-reduce."""
+
+    needs_data = True
+
+    def __init__(self, num_images: int = 1024, progress: bool = True) -> None:
+        self.num_images = num_images
+        self.progress = progress
+
+    def _batches(self, batches: Batches | None):
+        if batches is None:
+            raise ValueError(f"importance criterion {self.name!r} needs images; give a data loader (data.root)")
+        world = dist.get_world_size() if _distributed() else 1
+        limit = -(-self.num_images // world)  # this rank's share
+        bar = tqdm(total=limit, desc=f"importance ({self.name})", unit="img", disable=not self.progress or _rank() != 0)
+        seen = 0
+        for images, labels in batches:
+            images, labels = images[: limit - seen], labels[: limit - seen]
+            yield images, labels
+            seen += len(images)
+            bar.update(len(images))
+            if seen >= limit:
+                break
+        bar.close()
+
+    def __call__(self, model, graph, batches=None) -> Scores:
+        was_training = model.training
+        model.eval()  # no augmentation and no BN statistic updates, as in the authors' code
+        try:
+            with torch.enable_grad():
+                return self._estimate(model, graph, self._batches(batches))
+        finally:
+            model.train(was_training)
+
+    def _estimate(self, model, graph, batches) -> Scores:
+        raise NotImplementedError
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+def _all_reduce_(tensors: Iterable[torch.Tensor]) -> None:
+    if _distributed():
+        for t in tensors:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+def _cross_entropy_sum(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    device = next(model.parameters()).device
+    logits = model(images.to(device, non_blocking=True))
+    return F.cross_entropy(logits.float(), labels.to(device), reduction="sum")
+
+
+@register_importance
+class TaylorWeightImportance(_DataImportance):
+    """The authors' criterion: ``sum over the filter of |W * dL/dW|``, L the mean CE over all images."""
+
+    name = "taylor_weight"
+
+    def _estimate(self, model, graph, batches) -> Scores:
+        pairs = scored_layers(graph, model)
+        modules = dict(model.named_modules())
+        weights = [modules[n].weight for n in dict.fromkeys(n for _, n in pairs)]
+        names = list(dict.fromkeys(n for _, n in pairs))
+        grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
+        count = torch.zeros((), dtype=torch.float64)
+        for images, labels in batches:
+            loss = _cross_entropy_sum(model, images, labels)
+            for acc, g in zip(grads, torch.autograd.grad(loss, weights, allow_unused=True)):
+                if g is not None:
+                    acc += g.float()
+            count += len(images)
+        _all_reduce_(grads + [count])
+        by_name = {n: (w.detach().float() * g / count.float()).abs().flatten(1).sum(1) for n, w, g in zip(names, weights, grads)}
+        return _sum_per_group(graph, pairs, by_name.__getitem__)
+
+
+@register_importance
+class TaylorActivationImportance(_DataImportance):
+    """Molchanov et al.: ``|mean over space of a * dL/da|`` per image and channel, averaged over images."""
+
+    name = "taylor_activation"
+
+    def _estimate(self, model, graph, batches) -> Scores:
+        pairs = scored_layers(graph, model)
+        modules = dict(model.named_modules())
+        names = list(dict.fromkeys(n for _, n in pairs))
+        sums = {n: torch.zeros(modules[n].weight.shape[0], dtype=torch.float64) for n in names}
+        outputs: dict[str, torch.Tensor] = {}
+        handles = [modules[n].register_forward_hook(self._capture(outputs, n)) for n in names]
+        count = torch.zeros((), dtype=torch.float64)
+        try:
+            for images, labels in batches:
+                outputs.clear()
+                loss = _cross_entropy_sum(model, images, labels)
+                self._accumulate(sums, outputs, loss)
+                count += len(images)
+        finally:
+            for h in handles:
+                h.remove()
+        _all_reduce_(list(sums.values()) + [count])
+        return _sum_per_group(graph, pairs, lambda n: sums[n] / count)
+
+    @staticmethod
+    def _capture(outputs: dict[str, torch.Tensor], name: str) -> Callable:
+        def hook(module, inputs, output):
+            outputs[name] = output
+
+        return hook
+
+    @staticmethod
+    def _accumulate(sums: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+        names = [n for n, o in outputs.items() if o.requires_grad]
+        # autograd.grad, not backward: parameters' .grad stay untouched
+        grads = torch.autograd.grad(loss, [outputs[n] for n in names])
+        for n, g in zip(names, grads):
+            prod = outputs[n].detach() * g
+            prod = prod.flatten(2).mean(2) if prod.dim() > 2 else prod
+            sums[n] += prod.abs().sum(0).double().cpu()
+
+
+# --------------------------------------------------------------------------------------- persistence
+
+
+def save_scores(path: str, scores: Mapping[str, torch.Tensor], meta: Mapping[str, Any]) -> None:
+    """Write scores and what produced them (criterion, model, input size, images) atomically."""
+    atomic_torch_save({"scores": {k: v.cpu() for k, v in scores.items()}, "meta": dict(meta)}, path)
+
+
+def load_scores(path: str, graph: ChannelGraph, expected_meta: Mapping[str, Any] | None = None) -> Scores:
+    """Read scores saved by :func:`save_scores`, checking they fit ``graph`` and ``expected_meta``."""
+    obj = torch.load(path, map_location="cpu", weights_only=True)
+    for key, value in (expected_meta or {}).items():
+        if obj["meta"].get(key) != value:
+            raise ValueError(f"scores in {path!r} were computed with {key}={obj['meta'].get(key)!r}, not {value!r}")
+    widths = {g.name: g.width for g in graph.prunable_groups()}
+    found = {k: len(v) for k, v in obj["scores"].items()}
+    if found != widths:
+        raise ValueError(f"scores in {path!r} do not match the model's prunable groups; delete the file to recompute")
+    return obj["scores"]

@@ -1,0 +1,61 @@
+"""Datasets with ImageNet labels: synset folders, labels.csv, and clear errors."""
+from __future__ import annotations
+
+import pytest
+from PIL import Image
+
+from conftest import shared_data_dir
+from pruning.data import eval_transform, image_dataset, imagenet_synsets, subset
+from pruning.models import create_model
+
+
+def _write_image(path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("L", (40, 30), 128).save(path)  # grayscale on purpose: loaders must convert to RGB
+
+
+def test_synset_folders_get_imagenet_indices(tmp_path):
+    _write_image(tmp_path / "n02102040" / "a.JPEG")
+    _write_image(tmp_path / "n01440764" / "b.jpg")
+    ds = image_dataset(str(tmp_path))
+    assert sorted(label for _, label in ds.samples) == [0, 217]
+    img, _ = ds[0]
+    assert img.mode == "RGB"
+
+
+def test_labels_csv(tmp_path):
+    _write_image(tmp_path / "images" / "x.JPEG")
+    (tmp_path / "labels.csv").write_text("file,label_index,synset\nimages/x.JPEG,472,n02951358\n")
+    ds = image_dataset(str(tmp_path), eval_transform(create_model("efficientnet_b0"), 32))
+    x, y = ds[0]
+    assert tuple(x.shape) == (3, 32, 32) and y == 472
+
+
+@pytest.mark.parametrize("make,needle", [
+    (lambda p: p / "missing", "does not exist"),
+    (lambda p: (p / "empty").mkdir() or p / "empty", "holds no images"),
+    (lambda p: (p / "cats" / "x").mkdir(parents=True) or p / "cats", "not ImageNet-1k synsets"),
+])
+def test_bad_data_roots(tmp_path, make, needle):
+    with pytest.raises((ValueError, FileNotFoundError), match=needle):
+        image_dataset(str(make(tmp_path)))
+
+
+def test_subset_is_deterministic(tmp_path):
+    for i in range(10):
+        _write_image(tmp_path / "n01440764" / f"{i}.jpg")
+    ds = image_dataset(str(tmp_path))
+    assert subset(ds, 4, seed=1).samples == subset(ds, 4, seed=1).samples
+    assert len(subset(ds, 4).samples) == 4 and subset(ds, None) is ds
+
+
+def test_shared_data_labels():
+    root = shared_data_dir()
+    if not (root / "imagenette2-224").is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    train = image_dataset(str(root / "imagenette2-224" / "train"))
+    assert len(train) == 5000 and {label for _, label in train.samples} == {0, 217, 482, 491, 497, 566, 569, 571, 574, 701}
+    val = image_dataset(str(root / "imagenet-val-1300"))
+    assert len(val) == 1300
+    synsets = imagenet_synsets()
+    assert synsets[65] == "n01751748"
