@@ -32,7 +32,7 @@ def _scores(criterion: str, model, graph, args):
     if criterion != "taylor_weight":
         return create_importance(criterion)(model, graph)
     data = image_dataset(args.data, eval_transform(model, args.img_size))
-    return create_importance(criterion, num_images=args.num_images)(model, graph, eval_loader(data, 32, args.workers))
+    return create_importance(criterion, num_images=args.num_images)(model, graph, eval_loader(data, 32, args.workers, shuffle_seed=0))
 
 
 def _table(rows: dict[str, dict[str, float]]) -> str:

@@ -98,9 +98,18 @@ def subset(dataset: ImageListDataset, n: int | None, seed: int = 0) -> ImageList
     return ImageListDataset([dataset.samples[i] for i in order], dataset.transform)
 
 
-def eval_loader(dataset: Dataset, batch_size: int = 32, workers: int = 2) -> DataLoader:
-    """A sequential loader, sharded across ranks when torch.distributed is initialised."""
-    sampler = None
+def eval_loader(dataset: Dataset, batch_size: int = 32, workers: int = 2, shuffle_seed: int | None = None) -> DataLoader:
+    """A loader without augmentation, sharded across ranks when torch.distributed is initialised.
+
+    Args:
+        shuffle_seed: visit the images in a seeded random order (so the first N are a random sample of
+            classes, not the first classes); None keeps the dataset order.
+    """
+    shuffle = shuffle_seed is not None
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=False, drop_last=False)
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=shuffle_seed or 0)
+    elif shuffle:
+        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(shuffle_seed))
+    else:
+        sampler = None
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers)

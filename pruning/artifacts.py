@@ -1,0 +1,86 @@
+"""Files of a run: report.json, the pruned model (timm format and this framework's checkpoint), solutions.
+
+Everything is written atomically, so an interrupted run never leaves a half-written artifact behind.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import nn
+
+from ._io import atomic_torch_save, atomic_write_text
+from .timm_spec import save_timm_format
+
+REPORT = "report.json"
+SPEC = "pruned_spec.txt"
+STATE_DICT = "pruned.pth"
+CHECKPOINT = "pruned_checkpoint.pth"
+SOLUTION = "solution.json"
+
+
+def config_key(*parts: Any) -> str:
+    """A short stable hash of JSON-serialisable parts (cache keys)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def write_json(path: str, obj: Mapping[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=1, default=_jsonable) + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        return value.item()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def update_report(run_dir: str, section: str, values: Mapping[str, Any]) -> dict:
+    """Merge ``values`` into ``section`` of the run's report.json (kept across resumed and partial runs)."""
+    path = os.path.join(run_dir, REPORT)
+    report = read_json(path) if os.path.isfile(path) else {}
+    report[section] = {**report.get(section, {}), **values}
+    write_json(path, report)
+    return report
+
+
+def save_pruned(model: nn.Module, run_dir: str, base_model: str, img_size: int, keep: Mapping[str, list[int]],
+                stage: str) -> list[str]:
+    """Write the pruned model as timm spec + state_dict and as this framework's checkpoint."""
+    spec, weights, ckpt = (os.path.join(run_dir, f) for f in (SPEC, STATE_DICT, CHECKPOINT))
+    save_timm_format(model, spec, weights)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    atomic_torch_save({"base_model": base_model, "img_size": img_size, "keep": dict(keep), "stage": stage,
+                       "state_dict": state}, ckpt)
+    return [spec, weights, ckpt]
+
+
+def load_pruned(path: str, parent: nn.Module | None = None) -> tuple[nn.Module, dict]:
+    """Rebuild a pruned model from this framework's checkpoint; returns ``(model, checkpoint metadata)``.
+
+    Args:
+        path: a ``pruned_checkpoint.pth``.
+        parent: the unpruned model to cut from (default: a fresh timm model of the recorded base).
+    """
+    from .graph import build_channel_graph
+    from .models import create_model
+    from .prune import prune_model
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"pruned checkpoint {path!r} does not exist; run the prune stage first")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"pruned checkpoint {path!r} is corrupt ({e}); delete it and rerun the prune stage") from e
+    parent = parent if parent is not None else create_model(ckpt["base_model"])
+    graph = build_channel_graph(parent, ckpt["img_size"])
+    model = prune_model(parent, graph, ckpt["keep"])
+    model.load_state_dict(ckpt["state_dict"], strict=True)
+    return model.eval(), {k: v for k, v in ckpt.items() if k != "state_dict"}

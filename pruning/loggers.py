@@ -1,0 +1,63 @@
+"""Metric loggers: wandb (offline by default) or none. Anything with ``log(metrics, step)`` works."""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+
+class NullLogger:
+    """Logs nothing (``logger=none``)."""
+
+    def start(self, run_dir: str, config: Mapping[str, Any], name: str) -> None:
+        pass
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        pass
+
+    def log_files(self, paths: list[str]) -> None:
+        pass
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class WandbLogger(NullLogger):
+    """wandb run in the run directory; ``mode`` offline by default, ``disabled`` turns it off."""
+
+    def __init__(self, project: str = "knapsack-pruning", mode: str = "offline") -> None:
+        self.project, self.mode, self.run = project, mode, None
+
+    def start(self, run_dir: str, config: Mapping[str, Any], name: str) -> None:
+        import wandb
+
+        os.makedirs(run_dir, exist_ok=True)
+        self.run = wandb.init(project=self.project, mode=self.mode, dir=run_dir, config=dict(config), name=name,
+                              reinit="finish_previous")
+
+    def log(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        if self.run is not None:
+            self.run.log(dict(metrics), step=step)
+
+    def log_files(self, paths: list[str]) -> None:
+        import wandb
+
+        if self.run is None:
+            return
+        images = {os.path.basename(p): wandb.Image(p) for p in paths if p.endswith(".png")}
+        if images:
+            self.run.log(images)
+        for p in paths:
+            if not p.endswith(".png"):
+                self.run.save(p, base_path=os.path.dirname(p), policy="now")
+
+    def summary(self, values: Mapping[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(dict(values))
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+            self.run = None

@@ -1,0 +1,286 @@
+"""The pipeline, one method per stage: importance -> solve -> prune -> finetune -> validate.
+
+Each stage reads what it needs from the run directory when an earlier stage ran in another invocation, and
+writes its results there atomically, so any stage can run alone (``stages=[solve]``) and a rerun of the
+same command resumes. Importance scores are cached across runs (``paths.cache_dir``), keyed by everything
+they depend on, so a new budget reruns only the solve and later stages.
+
+All checks that can fail on user input run in :meth:`Run.preflight`, before any expensive work.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+
+from . import artifacts
+from .budget import Budget, check_feasible, resolve_budget
+from .cost import CostModel
+from .data import ImageListDataset, eval_loader, eval_transform, image_dataset
+from .distributed import barrier, device, is_main
+from .graph import build_channel_graph
+from .importance import Importance, load_scores, save_scores
+from .models import check_model_name, check_weights, load_parent
+from .paper import PAPER_CONFIGS, paper_widths
+from .plots import plot_kept_fractions
+from .prune import prune_model
+from .recalibrate import recalibrate_bn
+from .search import kept_fraction_by_stage, knapsack_problem
+from .solve import SOLVERS, Solution, solve
+
+STAGES = ("importance", "solve", "prune", "finetune", "validate")
+
+
+class PipelineError(ValueError):
+    """Bad input found before expensive work; the message names the value and the fix."""
+
+
+class Run:
+    """One run of the pipeline in ``run_dir`` with the composed Hydra config ``cfg``."""
+
+    def __init__(self, cfg: DictConfig, run_dir: str, logger: Any) -> None:
+        self.cfg, self.run_dir, self.logger = cfg, run_dir, logger
+        self.stages = list(cfg.stages)
+        self.parent: nn.Module | None = None
+        self.student: nn.Module | None = None
+        self.scores = self.solution = None
+
+    # ------------------------------------------------------------------------------------------ checks
+    def preflight(self) -> None:
+        """Every user-input check, in seconds: stages, names, weights, budget, data."""
+        unknown = [s for s in self.stages if s not in STAGES]
+        if unknown:
+            raise PipelineError(f"unknown stages {unknown}; stages is a list drawn from {list(STAGES)}")
+        check_model_name(self.cfg.model.name)
+        if self.cfg.solver.name not in SOLVERS:
+            raise PipelineError(f"unknown solver {self.cfg.solver.name!r}; choose solver= one of {sorted(SOLVERS)}")
+        self.criterion: Importance = instantiate(self.cfg.importance.criterion)
+        self.distill_cfg = instantiate(self.cfg.distill) if self._needs("finetune") else None
+        check_weights(self.cfg.model.name, self.cfg.model.pretrained, self.cfg.model.checkpoint)
+        self._load_parent()
+        self._check_budget()
+        if self._needs_data():
+            self._check_data()
+
+    def _needs(self, stage: str) -> bool:
+        return stage in self.stages
+
+    def _needs_data(self) -> bool:
+        needs_scores = self._needs("importance") and self.criterion.needs_data and not os.path.isfile(self._scores_path())
+        recalibrate = self._needs("prune") and self.cfg.bn_recalibration.num_images > 0
+        return needs_scores or recalibrate or self._needs("finetune") or self._needs("validate")
+
+    def _load_parent(self) -> None:
+        m = self.cfg.model
+        self.parent = load_parent(m.name, m.pretrained, m.checkpoint).to(device()).eval()
+        protected = None if m.protected is None else list(m.protected)
+        self.graph = build_channel_graph(self.parent, m.img_size, protected)
+        self.cost = CostModel(self.graph, self.parent)
+
+    def _check_budget(self) -> None:
+        s = self.cfg.solver
+        self.budget: Budget = resolve_budget(self.cfg.budget.target, self.cost.macs())
+        check_feasible(self.budget, self.cost, s.round_to, s.min_keep_fraction)
+
+    def _check_data(self) -> None:
+        if self.cfg.data.root is None:
+            raise PipelineError(
+                "no data: data.root is not set. Give data.root=/path/to/imagenet (class folders named by synset "
+                "under train/ and val/, or a folder with labels.csv), or set the IMAGENET_ROOT environment variable"
+            )
+        self.train_set, self.val_set = self._datasets()
+
+    # -------------------------------------------------------------------------------------------- data
+    def _datasets(self) -> tuple[ImageListDataset, ImageListDataset]:
+        d = self.cfg.data
+        split = os.path.join(d.root, d.train_split)
+        train = image_dataset(split if os.path.isdir(split) else d.root)
+        val_dir = d.val_root or os.path.join(d.root, d.val_split)
+        if os.path.isdir(val_dir) and val_dir != split:
+            return train, image_dataset(val_dir)
+        return _hold_out(train, d.holdout_fraction, self.cfg.seed)
+
+    # ---------------------------------------------------------------------------------------- the stages
+    def run(self) -> dict:
+        """Run the selected stages in order; returns the report."""
+        for stage in STAGES:
+            if self._needs(stage):
+                t = time.time()
+                getattr(self, f"stage_{stage}")()
+                self._report("timings", {stage: round(time.time() - t, 3)})
+        self._report("run", {"stages": self.stages, "config": OmegaConf.to_container(self.cfg, resolve=True)})
+        return artifacts.read_json(os.path.join(self.run_dir, artifacts.REPORT)) if is_main() else {}
+
+    def stage_importance(self) -> None:
+        """Per-channel scores for every prunable group; loaded from the cache when computed before."""
+        path = self._scores_path()
+        if os.path.isfile(path):
+            self.scores = load_scores(path, self.graph, {"key": self._scores_key()})
+        else:
+            batches = self._importance_batches() if self.criterion.needs_data else None
+            self.scores = self.criterion(self.parent, self.graph, batches)
+            if is_main():
+                save_scores(path, self.scores, {"key": self._scores_key(), "criterion": self.cfg.importance.name})
+            barrier()
+        self._report("importance", {"criterion": self.cfg.importance.name, "scores": path,
+                                    **OmegaConf.to_container(self.cfg.importance.criterion)})
+
+    def stage_solve(self) -> None:
+        """Kept widths and channels under the budget (the knapsack)."""
+        scores = self.scores if self.scores is not None else self._load_scores()
+        s = self.cfg.solver
+        problem = knapsack_problem(self.cost, scores, self.budget, s.round_to, s.min_keep_fraction)
+        self.solution = solve(problem, s.name, s.time_limit, s.gap_tol)
+        if is_main():
+            artifacts.write_json(os.path.join(self.run_dir, artifacts.SOLUTION), asdict(self.solution))
+        self._report("budget", {"name": self.cfg.budget.name, "spec": self.budget.spec, "target_macs": self.budget.macs,
+                                "fraction_of_parent": self.budget.fraction})
+        self._report("solve", {k: v for k, v in asdict(self.solution).items() if k not in ("keep", "widths")}
+                     | {"round_to": s.round_to, "min_keep_fraction": s.min_keep_fraction})
+
+    def stage_prune(self) -> None:
+        """The physically smaller model, saved in timm format and as this framework's checkpoint."""
+        solution = self.solution or self._load_solution()
+        self.student = prune_model(self.parent, self.graph, solution.keep).eval()
+        if self.cfg.bn_recalibration.num_images > 0:
+            self._recalibrate()
+        widths = {**self.graph.full_widths(), **solution.widths}
+        if is_main():
+            files = artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
+                                          solution.keep, "pruned")
+            files.append(self._plot_widths(widths))
+            self.logger.log_files(files)
+        self._report("model", self._model_summary(widths))
+
+    def stage_finetune(self) -> None:
+        """Inner-distillation fine-tuning under the frozen parent; resumes from its last checkpoint."""
+        from distill import finetune
+
+        student = self.student or self._load_student()
+        teacher = None if self.distill_cfg.method == "ce" else self.parent
+        train_cfg = instantiate(self.cfg.trainer)
+        out = os.path.join(self.run_dir, "finetune")
+        train_set = ImageListDataset(self.train_set.samples)  # no transform: the trainer uses timm's training one
+        result = finetune(student, teacher, train_set, self.distill_cfg, train_cfg, out, logger=self.logger,
+                          progress=is_main())
+        self.student = result.student.eval()
+        if is_main():
+            artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
+                                  self._load_solution().keep, "finetuned")
+        self._report("finetune", {"steps": result.steps, "method": self.distill_cfg.method,
+                                  "last": result.history[-1] if result.history else None})
+
+    def stage_validate(self) -> None:
+        """Top-1/top-5 and images/s of the student and (cached) teacher on the validation images."""
+        from distill import validate_pair
+
+        student = self.student or self._load_student()
+        self.val_set.transform = eval_transform(self.parent, self.cfg.model.img_size)
+        key = artifacts.config_key(self.cfg.model.name, self.cfg.model.checkpoint, self.cfg.model.pretrained,
+                                   self.cfg.model.img_size, [s for s, _ in self.val_set.samples][:3], len(self.val_set))
+        metrics = validate_pair(student, self.parent, self.val_set, self.run_dir, key,
+                                batch_size=self.cfg.data.val_batch_size, workers=self.cfg.data.workers)
+        self._report("validate", metrics)
+        self.logger.summary({f"val/{k}": v for k, v in _flatten(metrics).items()})
+
+    # ---------------------------------------------------------------------------------------- helpers
+    def _scores_key(self) -> str:
+        m, imp = self.cfg.model, self.cfg.importance
+        data = self.cfg.data.root if self.criterion.needs_data else None
+        return artifacts.config_key(m.name, m.img_size, m.pretrained, m.checkpoint, m.protected,
+                                    OmegaConf.to_container(imp, resolve=True), data, self.cfg.data.holdout_fraction)
+
+    def _scores_path(self) -> str:
+        return os.path.join(self.cfg.paths.cache_dir, "scores", f"{self.cfg.model.name}-{self._scores_key()}.pt")
+
+    def _load_scores(self):
+        if not os.path.isfile(self._scores_path()):
+            raise PipelineError("no importance scores for this configuration: add the importance stage "
+                                f"(stages=[importance,solve,...]); looked for {self._scores_path()}")
+        return load_scores(self._scores_path(), self.graph, {"key": self._scores_key()})
+
+    def _load_solution(self) -> Solution:
+        path = os.path.join(self.run_dir, artifacts.SOLUTION)
+        if not os.path.isfile(path):
+            raise PipelineError(f"no solution in {self.run_dir}: add the solve stage (stages=[importance,solve,prune])")
+        return Solution(**artifacts.read_json(path))
+
+    def _load_student(self) -> nn.Module:
+        path = os.path.join(self.run_dir, artifacts.CHECKPOINT)
+        if not os.path.isfile(path):
+            raise PipelineError(f"no pruned model in {self.run_dir}: add the prune stage (stages=[...,prune,...])")
+        model, _ = artifacts.load_pruned(path, self.parent)
+        return model.to(device())
+
+    def _importance_batches(self):
+        imp = self.cfg.importance
+        self.train_set.transform = eval_transform(self.parent, self.cfg.model.img_size)  # no augmentation
+        # a seeded random order: the first num_images are a sample of all classes, not the first classes
+        return eval_loader(self.train_set, imp.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
+
+    def _recalibrate(self) -> None:
+        r = self.cfg.bn_recalibration
+        self.train_set.transform = eval_transform(self.parent, self.cfg.model.img_size)
+        batches = eval_loader(self.train_set, r.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
+        used = recalibrate_bn(self.student, batches, r.num_images, progress=is_main())
+        self._report("bn_recalibration", {"images": used})
+
+    def _model_summary(self, widths: dict[str, int]) -> dict:
+        full = self.graph.full_widths()
+        summary = {"name": self.cfg.model.name, "img_size": self.cfg.model.img_size,
+                   "weights": self.cfg.model.checkpoint or ("timm" if self.cfg.model.pretrained else "random init"),
+                   "macs_before": self.cost.macs(), "params_before": self.cost.params(),
+                   "macs_after": self.cost.macs(widths), "params_after": self.cost.params(widths),
+                   "achieved_over_target": self.cost.macs(widths) / self.budget.macs,
+                   "widths_before": full, "widths_after": widths,
+                   "kept_fraction_by_stage": kept_fraction_by_stage(self.graph, widths)}
+        published = self._published_widths()
+        if published is not None:
+            summary["published"] = {"model": PAPER_CONFIGS[self.cfg.budget.name].timm_pruned, "widths": published,
+                                    "macs": self.cost.macs(published), "params": self.cost.params(published)}
+        return summary
+
+    def _published_widths(self) -> dict[str, int] | None:
+        cfg = PAPER_CONFIGS.get(self.cfg.budget.name or "")
+        if cfg is None or (cfg.base_model, cfg.img_size) != (self.cfg.model.name, self.cfg.model.img_size):
+            return None
+        return paper_widths(cfg.budget, self.graph)
+
+    def _plot_widths(self, widths: dict[str, int]) -> str:
+        series = {"ours": widths}
+        published = self._published_widths()
+        if published is not None:
+            series[PAPER_CONFIGS[self.cfg.budget.name].timm_pruned] = published
+        title = f"{self.cfg.model.name}@{self.cfg.model.img_size}, budget {self.budget.spec} ({self.budget.macs:,} MACs)"
+        return plot_kept_fractions(self.graph, series, os.path.join(self.run_dir, "kept_fractions.png"), title)
+
+    def _report(self, section: str, values: dict) -> None:
+        if is_main():
+            artifacts.update_report(self.run_dir, section, values)
+
+
+def _hold_out(data: ImageListDataset, fraction: float, seed: int) -> tuple[ImageListDataset, ImageListDataset]:
+    """Split off a deterministic ``fraction`` of the images for validation only."""
+    if not 0 < fraction < 1:
+        raise PipelineError(f"data.holdout_fraction={fraction} must be in (0, 1) when data.root has no val split")
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
+    n_val = max(1, int(len(data) * fraction))
+    val = sorted(order[:n_val])
+    train = sorted(order[n_val:])
+    return ImageListDataset([data.samples[i] for i in train]), ImageListDataset([data.samples[i] for i in val])
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}/"))
+        elif isinstance(v, (int, float)):
+            out[f"{prefix}{k}"] = v
+    return out

@@ -1,0 +1,49 @@
+"""CPU/GPU speed measurements: batch-1 latency and batch throughput, interleaved across models.
+
+Models are timed round by round in turn (A, B, C, A, B, C, ...) and the median of the rounds is kept, so a
+noisy machine slows every model alike and ratios stay meaningful.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Mapping
+
+import torch
+from torch import nn
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 1) -> float:
+    """Seconds per forward pass of ``images`` (mean over ``repeats`` after the caller's warm-up)."""
+    _sync(images.device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        model(images)
+    _sync(images.device)
+    return (time.perf_counter() - start) / repeats
+
+
+def interleaved_speed(models: Mapping[str, tuple[nn.Module, int]], batch: int, rounds: int = 5, repeats: int = 1,
+                      device: str | torch.device = "cpu") -> dict[str, float]:
+    """Median seconds per forward pass of a ``batch`` of images, per model, timed in interleaved rounds.
+
+    Args:
+        models: name -> (model in eval mode, input resolution).
+        batch: images per forward pass (1 for latency).
+        rounds: measured rounds (one extra warm-up round is dropped).
+        repeats: forward passes per model per round.
+    """
+    inputs = {n: torch.randn(batch, 3, s, s, device=device) for n, (_, s) in models.items()}
+    times: dict[str, list[float]] = {n: [] for n in models}
+    for r in range(rounds + 1):
+        for name, (model, _) in models.items():
+            t = time_forward(model.eval(), inputs[name], repeats)
+            if r > 0:
+                times[name].append(t)
+    return {n: statistics.median(ts) for n, ts in times.items()}

@@ -1,0 +1,157 @@
+"""Matched points, projections, the three losses, and the faster frozen teacher."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from test_distill_helpers import IMG, tiny_pair
+from distill import DistillConfig, distill_loss, matched_points
+from distill.loss import DistillStudent, _FeatureMSE, build_projections, fit_projection, matched_feature_shapes, point_key
+from distill.teacher import conv_norm_pairs, fold_batchnorm, prepare_teacher
+
+EFFNET = ["bn1"] + [f"blocks.{i}" for i in range(7)] + ["bn2", "global_pool", "classifier"]
+EXPECTED = {
+    "efficientnet_b0": (EFFNET, "blocks.6"),
+    "mobilenetv3_large_100": (["bn1"] + [f"blocks.{i}" for i in range(7)] + ["global_pool", "flatten", "classifier"], "blocks.6"),
+    "resnet18": (["maxpool", "layer1", "layer2", "layer3", "layer4", "global_pool", "fc"], "layer4"),
+}
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_points_follow_the_structure(name, model_cache):
+    """Stem, every stage, head, pooled features, logits; 'last' is the last stage alone."""
+    model = model_cache(name)
+    expected, last = EXPECTED[name]
+    assert matched_points(model, "all") == expected
+    assert matched_points(model, "last") == [last]
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_projections_only_where_the_student_is_narrower(name):
+    teacher, student = tiny_pair(name)
+    points = matched_points(student)
+    s, t = matched_feature_shapes(student, teacher, points, IMG, torch.device("cpu"))
+    proj = build_projections(points, s, t)
+    narrower = {point_key(p) for p, a, b in zip(points, s, t) if a.shape[1] != b.shape[1]}
+    assert narrower and set(proj) == narrower  # pruning narrowed some points, and only those get projections
+    assert point_key(points[-1]) not in proj  # logits keep their 1000 classes
+    for p, a, b in zip(points, s, t):
+        if point_key(p) in proj:
+            m = proj[point_key(p)]
+            assert isinstance(m, nn.Conv2d if a.dim() == 4 else nn.Linear) and m.bias is None
+            assert m(a).shape == b.shape
+
+
+def test_inner_loss_is_ce_plus_gamma_over_m_times_the_mses():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
+    s = [torch.randn(4, 8, 5, 5), torch.randn(4, 6), torch.randn(4, 10)]
+    t = [torch.randn(4, 8, 5, 5), torch.randn(4, 6), torch.randn(4, 10)]
+    cfg = DistillConfig(gamma=7.0, label_smoothing=0.1)
+    total, terms = distill_loss(cfg, logits, labels, s, t)
+    mses = [F.mse_loss(a, b) for a, b in zip(s, t)]
+    assert torch.allclose(terms["inner"], 7.0 / 3 * sum(mses))
+    assert torch.allclose(terms["ce"], F.cross_entropy(logits, labels, label_smoothing=0.1))
+    assert torch.allclose(total, terms["ce"] + terms["inner"]) and set(terms) == {"ce", "inner"}
+    one, _ = distill_loss(cfg, logits, labels, s[:1], t[:1])
+    assert torch.allclose(one, terms["ce"] + 7.0 * mses[0])  # M = 1: gamma times the one MSE
+
+
+def test_last_point_gives_one_feature():
+    teacher, student = tiny_pair("resnet18")
+    points = matched_points(student, "last")
+    module = DistillStudent(student, points).eval()
+    logits, feats = module(torch.randn(2, 3, IMG, IMG))
+    assert len(feats) == 1 and feats[0].shape[:2] == (2, student.layer4[-1].conv2.out_channels)
+    assert not student._forward_hooks and not student.layer4._forward_hooks  # hooks live for one call only
+
+
+def test_kd_loss_is_temperature_scaled_kl():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
+    cfg = DistillConfig(method="kd", temperature=3.0, kd_weight=0.5, label_smoothing=0.0)
+    total, terms = distill_loss(cfg, s, y, teacher_logits=t)
+    p_t = F.softmax(t / 3, 1)
+    kl = (p_t * (p_t.log() - F.log_softmax(s / 3, 1))).sum(1).mean()
+    assert torch.allclose(terms["kd"], 0.5 * 9 * kl, atol=1e-6)
+    assert torch.allclose(total, F.cross_entropy(s, y) + terms["kd"])
+    _, same = distill_loss(cfg, s, y, teacher_logits=s.clone())
+    assert same["kd"].abs() < 1e-6
+
+
+def test_ce_needs_no_teacher():
+    s, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    total, terms = distill_loss(DistillConfig(method="ce", label_smoothing=0.0), s, y)
+    assert set(terms) == {"ce"} and torch.allclose(total, F.cross_entropy(s, y))
+
+
+@pytest.mark.parametrize("field,value,needle", [
+    ("method", "dark", "'dark'.*inner.*kd.*ce"),
+    ("points", "some", "'some'.*all.*last"),
+    ("proj_init", "zeros", "'zeros'.*lstsq"),
+])
+def test_bad_distill_config(field, value, needle):
+    with pytest.raises(ValueError, match=needle):
+        DistillConfig(**{field: value}).check()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_feature_mse_matches_torch_and_keeps_the_layout(fmt):
+    s = torch.randn(2, 8, 6, 6).contiguous(memory_format=fmt).requires_grad_()
+    t = torch.randn(2, 8, 6, 6).contiguous(memory_format=fmt)
+    loss = _FeatureMSE.apply(s, t)
+    (grad,) = torch.autograd.grad(loss, s)
+    (ref,) = torch.autograd.grad(F.mse_loss(s, t), s)
+    assert torch.allclose(loss, F.mse_loss(s, t)) and torch.allclose(grad, ref)
+    assert grad.is_contiguous(memory_format=fmt)
+
+
+def test_least_squares_projection_recovers_a_linear_map():
+    torch.manual_seed(0)
+    proj, true = nn.Conv2d(4, 6, 1, bias=False), torch.randn(6, 4)
+    s = torch.randn(3, 4, 5, 5)
+    t = torch.einsum("oc,nchw->nohw", true, s)
+    fit_projection(proj, s, t, ridge=1e-9)
+    assert torch.allclose(proj.weight.view(6, 4), true, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
+def test_folded_teacher_matches_the_original(name):
+    teacher, _ = tiny_pair(name)
+    torch.manual_seed(1)
+    for m in teacher.modules():  # non-trivial statistics, or folding would be an identity
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.5, 0.5)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    folded = fold_batchnorm(teacher.eval())
+    assert len(conv_norm_pairs(teacher)) > 0 and not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
+    assert set(matched_points(teacher)) <= set(dict(folded.named_modules()))  # the points survive folding
+    fast = prepare_teacher(teacher, torch.device("cpu"))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = teacher(x)
+        assert torch.allclose(folded(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+        assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the original is untouched
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_folding_keeps_real_lite0_predictions():
+    """Real weights, real images: the faster teacher predicts what the original predicts."""
+    from conftest import shared_data_dir
+    from pruning.data import eval_transform, image_dataset, subset
+    from pruning.weights import load_pretrained_lite0
+
+    root = shared_data_dir() / "imagenet-val-1300"
+    if not root.is_dir():
+        pytest.skip(f"shared data not found at {root}")
+    teacher = load_pretrained_lite0()
+    data = subset(image_dataset(str(root), eval_transform(teacher, 160)), 16)
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    fast = prepare_teacher(teacher, torch.device("cpu"))
+    with torch.no_grad():
+        ref, out = teacher(x), fast(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(out, ref, atol=1e-3 * ref.abs().max().item())
+    assert torch.equal(out.argmax(1), ref.argmax(1))
