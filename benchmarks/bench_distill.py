@@ -6,6 +6,9 @@ scheduler), on the same batch, in one process, interleaved round by round; media
 distillation step adds the frozen teacher's forward, the hooks, the projections and the MSE terms.
 
     python benchmarks/bench_distill.py --model efficientnet_b1 --img-size 240 --budget flops_490M --batch 8
+
+``--widths paper`` uses the widths of timm's published ``efficientnet_b1_pruned`` instead of the L1 knapsack's:
+its stage outputs are narrower than the parent's, so the step also trains projections.
 """
 from __future__ import annotations
 
@@ -21,8 +24,10 @@ from torch.utils.data import TensorDataset
 from distill import DistillConfig, TrainConfig
 from distill.loss import forward_no_grad
 from distill.train import Trainer
-from pruning import build_channel_graph, create_model
+from pruning import build_channel_graph, create_model, prune_to_widths
+from pruning.count import count_model
 from pruning.importance import create_importance
+from pruning.paper import paper_widths
 from pruning.search import search
 
 
@@ -30,6 +35,12 @@ def _trainer(student, teacher, method: str, args, data, out: str, **overrides) -
     train = TrainConfig(batch_size=args.batch, img_size=args.img_size, workers=0, lr=1e-3,
                         channels_last=args.channels_last, **overrides)
     return Trainer(copy.deepcopy(student), teacher, data, DistillConfig(method=method), train, out, progress=False)
+
+
+def _student(teacher, graph, args):
+    if args.widths == "paper":
+        return prune_to_widths(teacher, graph, paper_widths(args.budget, graph))
+    return search(teacher, graph, create_importance("l1")(teacher, graph), args.budget).pruned
 
 
 def _timed(fn) -> float:
@@ -46,18 +57,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--channels-last", action="store_true", help="student in channels-last layout (both steps)")
+    ap.add_argument("--widths", choices=("search", "paper"), default="search", help="L1 + exact knapsack, or timm's published widths")
     args = ap.parse_args()
     torch.manual_seed(0)
     teacher = create_model(args.model)
     graph = build_channel_graph(teacher, args.img_size)
-    result = search(teacher, graph, create_importance("l1")(teacher, graph), args.budget)
+    student = _student(teacher, graph, args)
     x, y = torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 1000, (args.batch,))
     data = TensorDataset(x, y)
     with tempfile.TemporaryDirectory() as out:
         steps = {
-            "ce": _trainer(result.pruned, None, "ce", args, data, out),
-            "inner": _trainer(result.pruned, teacher, "inner", args, data, out),
-            "inner (plain teacher)": _trainer(result.pruned, teacher, "inner", args, data, out,
+            "ce": _trainer(student, None, "ce", args, data, out),
+            "inner": _trainer(student, teacher, "inner", args, data, out),
+            "inner (plain teacher)": _trainer(student, teacher, "inner", args, data, out,
                                               teacher_fold_bn=False, teacher_channels_last=False),
         }
         fast = steps["inner"]
@@ -68,7 +80,8 @@ def main() -> None:
             for name, fn in calls.items():
                 times[name].append(_timed(fn))
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
-    print(f"{args.model}@{args.img_size} pruned to {args.budget} ({result.macs_after:,} of {result.macs_before:,} MACs), "
+    macs = (count_model(student, args.img_size).macs, count_model(teacher, args.img_size).macs)
+    print(f"{args.model}@{args.img_size} pruned to {args.budget} ({args.widths} widths; {macs[0]:,} of {macs[1]:,} MACs), "
           f"batch {args.batch}, student {'channels-last' if args.channels_last else 'contiguous'}, torch threads {torch.get_num_threads()}, {args.rounds} rounds, {len(fast.points)} matched points, "
           f"{len(fast.module.projections)} projections")
     for name, t in med.items():

@@ -107,21 +107,29 @@ class FeatureCapture:
         if missing:
             raise ValueError(f"matched points {missing} are not modules of {type(model).__name__}")
         self.names = list(names)
-        self._outputs: dict[str, torch.Tensor] = {}
+        self._outputs: dict[str, tuple[torch.Tensor, int]] = {}
         self._handles = [modules[n].register_forward_hook(self._hook(n)) for n in self.names]
 
     def _hook(self, name: str) -> Callable:
         def hook(module, inputs, output):
-            self._outputs[name] = output
+            self._outputs[name] = (output, output._version)
 
         return hook
 
     def pop(self) -> list[torch.Tensor]:
-        """The captured outputs, in ``names`` order; raises if a point did not run."""
+        """The captured outputs, in ``names`` order; raises if a point did not run or was overwritten.
+
+        A reference is only as good as the tensor behind it: a later in-place op (``x += ...``, an in-place
+        activation) would silently change a kept feature, so the tensors' version counters are checked.
+        """
         missing = [n for n in self.names if n not in self._outputs]
         if missing:
             raise RuntimeError(f"matched points {missing} produced no output in the last forward pass")
-        out = [self._outputs[n] for n in self.names]
+        changed = [n for n in self.names if self._outputs[n][0]._version != self._outputs[n][1]]
+        if changed:
+            raise RuntimeError(f"the outputs of {changed} were modified in place later in the forward pass; "
+                               "they cannot be matched by reference")
+        out = [self._outputs[n][0] for n in self.names]
         self._outputs.clear()
         return out
 

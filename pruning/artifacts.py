@@ -70,15 +70,10 @@ def load_pruned(path: str, parent: nn.Module | None = None) -> tuple[nn.Module, 
         parent: the unpruned model to cut from (default: a fresh timm model of the recorded base).
     """
     from .graph import build_channel_graph
-    from .models import create_model
+    from .models import create_model, read_torch_file
     from .prune import prune_model
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"pruned checkpoint {path!r} does not exist; run the prune stage first")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"pruned checkpoint {path!r} is corrupt ({e}); delete it and rerun the prune stage") from e
+    ckpt = read_torch_file(path, "pruned checkpoint", "(re)run the prune stage to write it")
     parent = parent if parent is not None else create_model(ckpt["base_model"])
     graph = build_channel_graph(parent, ckpt["img_size"])
     model = prune_model(parent, graph, ckpt["keep"])

@@ -35,14 +35,19 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | None = N
     return model.eval()
 
 
+def read_torch_file(path: str, what: str, fix: str) -> object:
+    """``torch.load`` (weights only) with errors that name ``what`` and ``path`` and say ``fix``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{what} {path!r} does not exist; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{what} {path!r} could not be read ({e}); {fix}") from e
+
+
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     """Read a state_dict from ``path``, with an error naming the path if it is missing or corrupt."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist; pass an existing state_dict file")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"checkpoint {path!r} could not be read ({e}); is it a torch state_dict file?") from e
+    obj = read_torch_file(path, "checkpoint", "pass an existing torch state_dict file")
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
             return obj[key]

@@ -61,7 +61,10 @@ class Run:
         if self.cfg.solver.name not in SOLVERS:
             raise PipelineError(f"unknown solver {self.cfg.solver.name!r}; choose solver= one of {sorted(SOLVERS)}")
         self.criterion: Importance = instantiate(self.cfg.importance.criterion)
-        self.distill_cfg = instantiate(self.cfg.distill) if self._needs("finetune") else None
+        self.distill_cfg = instantiate(self.cfg.distill)
+        self.distill_cfg.check()
+        self.train_cfg = instantiate(self.cfg.trainer)
+        self.train_cfg.check()
         check_weights(self.cfg.model.name, self.cfg.model.pretrained, self.cfg.model.checkpoint)
         self._load_parent()
         self._check_budget()
@@ -164,10 +167,9 @@ class Run:
 
         student = self.student or self._load_student()
         teacher = None if self.distill_cfg.method == "ce" else self.parent
-        train_cfg = instantiate(self.cfg.trainer)
         out = os.path.join(self.run_dir, "finetune")
         train_set = ImageListDataset(self.train_set.samples)  # no transform: the trainer uses timm's training one
-        result = finetune(student, teacher, train_set, self.distill_cfg, train_cfg, out, logger=self.logger,
+        result = finetune(student, teacher, train_set, self.distill_cfg, self.train_cfg, out, logger=self.logger,
                           progress=is_main())
         self.student = result.student.eval()
         if is_main():
@@ -184,7 +186,8 @@ class Run:
         self.val_set.transform = eval_transform(self.parent, self.cfg.model.img_size)
         key = artifacts.config_key(self.cfg.model.name, self.cfg.model.checkpoint, self.cfg.model.pretrained,
                                    self.cfg.model.img_size, [s for s, _ in self.val_set.samples][:3], len(self.val_set))
-        metrics = validate_pair(student, self.parent, self.val_set, self.run_dir, key,
+        teacher_cache = os.path.join(self.cfg.paths.cache_dir, "teacher")  # shared by every run of a sweep
+        metrics = validate_pair(student, self.parent, self.val_set, teacher_cache, key,
                                 batch_size=self.cfg.data.val_batch_size, workers=self.cfg.data.workers)
         self._report("validate", metrics)
         self.logger.summary({f"val/{k}": v for k, v in _flatten(metrics).items()})

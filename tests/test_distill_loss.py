@@ -155,3 +155,20 @@ def test_folding_keeps_real_lite0_predictions():
         ref, out = teacher(x), fast(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(out, ref, atol=1e-3 * ref.abs().max().item())
     assert torch.equal(out.argmax(1), ref.argmax(1))
+
+
+def test_feature_mse_gradient_follows_the_student_not_the_teacher():
+    s = torch.randn(2, 8, 6, 6).requires_grad_()
+    t = torch.randn(2, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    (grad,) = torch.autograd.grad(_FeatureMSE.apply(s, t), s)
+    assert grad.is_contiguous() and torch.allclose(grad, 2 * (s - t).detach() / s.numel())
+
+
+def test_capture_refuses_a_feature_changed_in_place():
+    from distill.points import FeatureCapture
+
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(inplace=True))
+    with FeatureCapture(model, ["0"]) as capture:
+        model(torch.randn(2, 4))
+        with pytest.raises(RuntimeError, match="modified in place"):
+            capture.pop()

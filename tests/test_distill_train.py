@@ -66,7 +66,7 @@ def test_checkpoint_contents_and_finished_run(pair, data_root, tmp_path):
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (2, 0, 12) and result.steps == 12
     assert {"torch", "numpy", "python"} <= set(ckpt["rng"][0]) and len(ckpt["rng"]) == 1
     assert state_equal(ckpt["student"], result.student.state_dict()) and state_equal(ckpt["ema"], result.ema.state_dict())
-    assert ckpt["optimizer"]["state"] and ckpt["scheduler"]["_last_lr" if "_last_lr" in ckpt["scheduler"] else "base_values"]
+    assert ckpt["optimizer"]["state"] and ckpt["scheduler"]["t_initial"] == 12 and ckpt["scheduler"]["base_values"] == [0.01] * 2
     assert [h["step"] for h in result.history if "train/loss" in h] == list(range(1, 13))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
     # a finished run resumes to nothing

@@ -94,6 +94,8 @@ def _preflight(tmp_path, *overrides):
     (["model.pretrained=true"], "model.checkpoint=/path/to/weights.pth"),
     (["stages=[importance,prune,train]"], "unknown stages ['train']"),
     (["solver.name=simplex"], "unknown solver 'simplex'"),
+    (["distill.method=mse"], "unknown distillation method 'mse'"),
+    (["trainer.batch_size=0"], "batch_size=0"),
     (["importance=taylor_weight", "data.root=null"], "data.root is not set"),
     (["stages=[importance,solve,prune,finetune]", "data.root=/nonexistent/data"], "'/nonexistent/data' does not exist"),
 ])
