@@ -78,9 +78,9 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 def prepare_teacher(teacher: nn.Module, device: torch.device, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
     """The teacher to run during training: frozen, on ``device``, optionally folded and channels-last.
 
-    ``teacher`` itself is frozen in place and otherwise untouched; folding works on a copy.
+    Works on a copy: the caller's ``teacher`` keeps its mode, device and ``requires_grad`` flags, so the same
+    parent can be pruned again or teach another student afterwards.
     """
-    freeze(teacher)
-    fast = fold_batchnorm(teacher) if fold_bn else teacher
+    fast = fold_batchnorm(teacher) if fold_bn else copy.deepcopy(teacher)
     fast = freeze(fast).to(device)
     return fast.to(memory_format=torch.channels_last) if channels_last else fast

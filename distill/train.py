@@ -133,7 +133,7 @@ def finetune(
 
     Args:
         student: the pruned model, initialised from the parent's kept weights (moved to the device).
-        teacher: the unpruned parent; frozen in place (eval, no gradients). Not needed for ``method="ce"``.
+        teacher: the unpruned parent, left unchanged (a frozen copy runs). Not needed for ``method="ce"``.
         train_set: ``(image, label)`` pairs; when its ``transform`` is None, timm's training transform at
             ``train.img_size`` is used.
         distill: the loss.

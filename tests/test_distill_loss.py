@@ -135,7 +135,16 @@ def test_folded_teacher_matches_the_original(name):
         assert torch.allclose(folded(x), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
         assert torch.allclose(fast(x.contiguous(memory_format=torch.channels_last)), ref, rtol=1e-4, atol=1e-4 * ref.abs().max().item())
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())  # the original is untouched
-    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    assert all(p.requires_grad for p in teacher.parameters())  # the caller's model stays trainable: a parent
+    assert not any(p.requires_grad for p in fast.parameters())  # may be pruned again after teaching
+
+
+def test_prepare_teacher_leaves_the_callers_model_alone_without_folding():
+    teacher, _ = tiny_pair(next(iter(EXPECTED)))
+    teacher.train()
+    fast = prepare_teacher(teacher, torch.device("cpu"), fold_bn=False, channels_last=False)
+    assert fast is not teacher and not fast.training and not any(p.requires_grad for p in fast.parameters())
+    assert teacher.training and all(p.requires_grad for p in teacher.parameters())
 
 
 def test_folding_keeps_real_lite0_predictions():

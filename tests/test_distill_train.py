@@ -47,12 +47,15 @@ def test_steps_on_a_fixed_batch_lower_the_loss(pair, data_root, tmp_path):
     assert any(p is q for q in trainer.module.projections.parameters() for g in trainer.optimizer.param_groups for p in g["params"])
 
 
-def test_teacher_stays_frozen_and_unchanged(pair, data_root, tmp_path):
+def test_teacher_is_left_unchanged(pair, data_root, tmp_path):
+    """The teacher runs as a frozen copy: the caller's parent keeps its weights, mode and requires_grad flags."""
     teacher, student = pair
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    mode, flags = teacher.training, [p.requires_grad for p in teacher.parameters()]
     result = finetune(student, teacher, image_dataset(data_root), DistillConfig(), TrainConfig(**FAST, max_steps=4), str(tmp_path), progress=False)
     assert result.steps == 4
-    assert not teacher.training and all(not p.requires_grad and p.grad is None for p in teacher.parameters())
+    assert teacher.training == mode and [p.requires_grad for p in teacher.parameters()] == flags
+    assert all(p.grad is None for p in teacher.parameters())
     assert state_equal(before, teacher.state_dict())
     assert not any(h for m in student.modules() for h in (m._forward_hooks,))  # no hook left behind
 
