@@ -7,7 +7,7 @@
 * :mod:`distill.train`: :func:`finetune` (checkpoints, exact resume, EMA, AMP, DDP under torchrun),
 * :mod:`distill.evaluate`: :func:`evaluate` and :func:`validate_pair` (teacher metrics cached).
 """
-from .distributed import init_distributed
+from pruning.distributed import init_distributed
 from .evaluate import evaluate, format_pair, validate_pair
 from .loss import DistillConfig, distill_loss
 from .points import matched_points

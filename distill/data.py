@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 
 
@@ -109,22 +109,3 @@ def train_loader(
     generator = torch.Generator().manual_seed(dataset.seed * 7919 + sampler.epoch)
     return DataLoader(dataset, batch_size=sampler.batch_size, sampler=sampler, num_workers=workers,
                       pin_memory=pin_memory, drop_last=True, generator=generator)
-
-
-class ShardSampler(Sampler[int]):
-    """Indices ``rank, rank + world, ...``: every sample on exactly one rank, none repeated (exact metrics)."""
-
-    def __init__(self, length: int, num_replicas: int, rank: int) -> None:
-        self.indices = range(rank, length, num_replicas)
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
-def eval_loader(dataset: Dataset, batch_size: int, workers: int, num_replicas: int, rank: int, pin_memory: bool) -> DataLoader:
-    """A sequential loader over this rank's share of ``dataset``."""
-    sampler = ShardSampler(len(dataset), num_replicas, rank)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory)

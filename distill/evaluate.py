@@ -16,10 +16,10 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from pruning import distributed as D
 from pruning._io import atomic_write_text
+from pruning.data import eval_loader
 
-from . import distributed as D
-from .data import eval_loader
 from .precision import autocast, check_amp, synchronize
 
 TEACHER_CACHE = "teacher_metrics.json"
@@ -80,7 +80,7 @@ def evaluate(
     net = unwrap(model).to(device)
     was_training = net.training
     net.eval()
-    loader = eval_loader(dataset, batch_size, workers, D.world_size(), D.rank(), device.type == "cuda")
+    loader = eval_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
     bar = tqdm(loader, desc="validate", unit="batch", disable=not progress or not D.is_main(), leave=False)
     try:
         with torch.no_grad():

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .distributed import all_reduce_sum
+from pruning.distributed import all_reduce_sum
 from .points import FeatureCapture, check_points, matched_points
 
 METHODS = ("inner", "kd", "ce")

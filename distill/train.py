@@ -22,9 +22,11 @@ from torch import nn
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from . import distributed as D
+from pruning import distributed as D
+from pruning.data import eval_loader
+
 from .checkpoint import LAST, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from .data import EpochSeededDataset, ResumableSampler, eval_loader, train_loader, train_transform, with_transform
+from .data import EpochSeededDataset, ResumableSampler, train_loader, train_transform, with_transform
 from .evaluate import check_dataset, evaluate
 from .loss import DistillConfig, DistillStudent, build_projections, distill_loss, fit_projection, forward_no_grad
 from .loss import matched_feature_shapes, point_key, points_for
@@ -406,7 +408,7 @@ class Trainer:
         self.module.eval()
         sums: dict[str, torch.Tensor] = {}
         try:
-            for images, labels in eval_loader(dataset, batch_size, self.cfg.workers, D.world_size(), D.rank(), False):
+            for images, labels in eval_loader(dataset, batch_size, self.cfg.workers):
                 images, labels = images.to(self.device), labels.to(self.device)
                 with autocast(self.cfg.amp, self.device):
                     t_logits, t_feats = (forward_no_grad(self.teacher, self._teacher_input(images), self.points)

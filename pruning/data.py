@@ -11,12 +11,14 @@ from __future__ import annotations
 
 import csv
 import os
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from . import distributed as D
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -98,18 +100,31 @@ def subset(dataset: ImageListDataset, n: int | None, seed: int = 0) -> ImageList
     return ImageListDataset([dataset.samples[i] for i in order], dataset.transform)
 
 
-def eval_loader(dataset: Dataset, batch_size: int = 32, workers: int = 2, shuffle_seed: int | None = None) -> DataLoader:
-    """A loader without augmentation, sharded across ranks when torch.distributed is initialised.
+class ShardSampler(Sampler[int]):
+    """This rank's share of the indices, ``order[rank::world]``: every sample on exactly one rank, none repeated.
+
+    Unlike ``DistributedSampler`` nothing is padded, so metrics and statistics over the shards are exact.
+    """
+
+    def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, shuffle_seed: int | None = None) -> None:
+        order = range(length) if shuffle_seed is None else torch.randperm(length, generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        self.indices = order[rank::num_replicas]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+
+def eval_loader(dataset: Dataset, batch_size: int = 32, workers: int = 2, shuffle_seed: int | None = None,
+                pin_memory: bool = False) -> DataLoader:
+    """A loader without augmentation over this rank's share of ``dataset`` (all of it in a single process).
 
     Args:
         shuffle_seed: visit the images in a seeded random order (so the first N are a random sample of
             classes, not the first classes); None keeps the dataset order.
+        pin_memory: pin host memory for faster copies to a GPU.
     """
-    shuffle = shuffle_seed is not None
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=shuffle_seed or 0)
-    elif shuffle:
-        sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(shuffle_seed))
-    else:
-        sampler = None
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=False, num_workers=workers)
+    sampler = ShardSampler(len(dataset), D.world_size(), D.rank(), shuffle_seed)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory)

@@ -1,7 +1,12 @@
-"""torch.distributed set-up for torchrun and SLURM (submitit): one entry point for 1 or N processes."""
+"""torch.distributed in one place: set-up under torchrun or SLURM, rank queries, and the collectives.
+
+A single plain process is world size 1, rank 0, without a process group; every collective below is then a
+no-op, so the same code runs on a laptop and on N GPUs.
+"""
 from __future__ import annotations
 
 import os
+from typing import Any, Iterable
 
 import torch
 import torch.distributed as dist
@@ -20,35 +25,102 @@ def _from_slurm() -> None:
     )
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group when launched by torchrun or SLURM; returns ``(rank, world_size)``.
+def init_distributed(backend: str | None = None) -> bool:
+    """Join the process group torchrun or SLURM describes; a no-op for one process.
 
-    NCCL on GPUs, gloo on CPU. A single plain process returns ``(0, 1)`` without a process group.
+    Args:
+        backend: ``nccl`` on GPU and ``gloo`` on CPU when None.
+
+    Returns:
+        Whether this process is now part of a multi-process group.
     """
     _from_slurm()
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1
-    if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return dist.get_rank(), dist.get_world_size()
+    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return is_distributed()
+    if torch.cuda.is_available():
+        torch.cuda.set_device(default_device())
+    dist.init_process_group(backend or ("nccl" if torch.cuda.is_available() else "gloo"))
+    return True
+
+
+def is_distributed() -> bool:
+    """True when a process group is initialised."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    """This process's global rank (0 without a process group)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    """Number of processes (1 without a process group)."""
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def is_main() -> bool:
     """True on rank 0 (and in a single process): the only rank that writes files and logs."""
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    return rank() == 0
+
+
+def local_rank() -> int:
+    """This process's index on its machine, from torchrun's ``LOCAL_RANK``."""
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def default_device() -> torch.device:
+    """This process's GPU (``LOCAL_RANK`` under torchrun) when CUDA is available, else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", local_rank() % torch.cuda.device_count())
+    return torch.device("cpu")
+
+
+def collective_device() -> torch.device:
+    """Where tensors for collectives live: the GPU for NCCL, the CPU for gloo."""
+    if is_distributed() and dist.get_backend() == "nccl":
+        return default_device()
+    return torch.device("cpu")
 
 
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
+    if is_distributed():
         dist.barrier()
 
 
-def device() -> torch.device:
-    """This process's device: its GPU under torchrun, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over ranks in place (returned for chaining)."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
+    """Sum each of ``tensors`` over ranks in place."""
+    for t in tensors:
+        all_reduce_sum(t)
+
+
+def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
+    """Maximum of ``tensor`` over ranks in place."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(obj: Any) -> list[Any]:
+    """Every rank's ``obj``, in rank order (``[obj]`` for one process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj: Any) -> Any:
+    """Rank 0's ``obj`` on every rank."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -20,11 +20,11 @@ from __future__ import annotations
 from typing import Any, Callable, ClassVar, Iterable, Mapping
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed as D
 from ._io import atomic_torch_save
 from .graph import ChannelGraph
 
@@ -134,9 +134,9 @@ class _DataImportance(Importance):
     def _batches(self, batches: Batches | None):
         if batches is None:
             raise ValueError(f"importance criterion {self.name!r} needs images; give a data loader (data.root)")
-        world = dist.get_world_size() if _distributed() else 1
+        world = D.world_size()
         limit = -(-self.num_images // world)  # this rank's share
-        bar = tqdm(total=limit, desc=f"importance ({self.name})", unit="img", disable=not self.progress or _rank() != 0)
+        bar = tqdm(total=limit, desc=f"importance ({self.name})", unit="img", disable=not self.progress or not D.is_main())
         seen = 0
         for images, labels in batches:
             images, labels = images[: limit - seen], labels[: limit - seen]
@@ -158,20 +158,6 @@ class _DataImportance(Importance):
 
     def _estimate(self, model, graph, batches) -> Scores:
         raise NotImplementedError
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _rank() -> int:
-    return dist.get_rank() if _distributed() else 0
-
-
-def _all_reduce_(tensors: Iterable[torch.Tensor]) -> None:
-    if _distributed():
-        for t in tensors:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
 def _cross_entropy_sum(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -199,7 +185,7 @@ class TaylorWeightImportance(_DataImportance):
                 if g is not None:
                     acc += g.float()
             count += len(images)
-        _all_reduce_(grads + [count])
+        D.all_reduce_sum_(grads + [count])
         by_name = {n: (w.detach().float() * g / count.float()).abs().flatten(1).sum(1) for n, w, g in zip(names, weights, grads)}
         return _sum_per_group(graph, pairs, by_name.__getitem__)
 
@@ -227,7 +213,7 @@ class TaylorActivationImportance(_DataImportance):
         finally:
             for h in handles:
                 h.remove()
-        _all_reduce_(list(sums.values()) + [count])
+        D.all_reduce_sum_(list(sums.values()) + [count])
         return _sum_per_group(graph, pairs, lambda n: sums[n] / count)
 
     @staticmethod

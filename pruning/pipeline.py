@@ -23,7 +23,7 @@ from . import artifacts
 from .budget import Budget, check_feasible, resolve_budget
 from .cost import CostModel
 from .data import ImageListDataset, eval_loader, eval_transform, image_dataset
-from .distributed import barrier, device, is_main
+from .distributed import barrier, default_device, is_main
 from .graph import build_channel_graph
 from .importance import Importance, load_scores, save_scores
 from .models import check_model_name, check_weights, load_parent
@@ -81,7 +81,7 @@ class Run:
 
     def _load_parent(self) -> None:
         m = self.cfg.model
-        self.parent = load_parent(m.name, m.pretrained, m.checkpoint).to(device()).eval()
+        self.parent = load_parent(m.name, m.pretrained, m.checkpoint).to(default_device()).eval()
         protected = None if m.protected is None else list(m.protected)
         self.graph = build_channel_graph(self.parent, m.img_size, protected)
         self.cost = CostModel(self.graph, self.parent)
@@ -219,7 +219,7 @@ class Run:
         if not os.path.isfile(path):
             raise PipelineError(f"no pruned model in {self.run_dir}: add the prune stage (stages=[...,prune,...])")
         model, _ = artifacts.load_pruned(path, self.parent)
-        return model.to(device())
+        return model.to(default_device())
 
     def _importance_batches(self):
         imp = self.cfg.importance

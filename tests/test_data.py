@@ -59,3 +59,16 @@ def test_shared_data_labels():
     assert len(val) == 1300
     synsets = imagenet_synsets()
     assert synsets[65] == "n01751748"
+
+
+@pytest.mark.parametrize("seed", [None, 3])
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_shards_partition_the_dataset_without_repeats(world, seed):
+    """Every image on exactly one rank (DistributedSampler would pad 10 images to 12 over 3 ranks)."""
+    from pruning.data import ShardSampler
+
+    shards = [list(ShardSampler(10, world, r, seed)) for r in range(world)]
+    assert sorted(i for s in shards for i in s) == list(range(10))
+    first = [s[0] for s in shards]
+    assert (first == list(range(world))) == (seed is None)  # seeded order is a permutation, not the identity
+    assert shards == [list(ShardSampler(10, world, r, seed)) for r in range(world)]  # deterministic

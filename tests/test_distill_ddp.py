@@ -54,7 +54,7 @@ def main(out: str, data: str) -> None:
     torch.set_num_threads(1)
     from test_distill_helpers import tiny_pair
     from distill import DistillConfig, TrainConfig, evaluate, finetune, init_distributed
-    from distill import distributed as D
+    from pruning import distributed as D
     from pruning.data import image_dataset
 
     assert init_distributed() and D.world_size() == 2
