@@ -24,7 +24,7 @@ def plot_kept_fractions(graph: ChannelGraph, series: Mapping[str, Mapping[str, i
     ax.set_ylabel("kept fraction of channels")
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
-    ax.legend()
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach the top
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
