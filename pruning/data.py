@@ -107,7 +107,9 @@ class ShardSampler(Sampler[int]):
     """
 
     def __init__(self, length: int, num_replicas: int = 1, rank: int = 0, shuffle_seed: int | None = None) -> None:
-        order = range(length) if shuffle_seed is None else torch.randperm(length, generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
+        order = range(length)
+        if shuffle_seed is not None:  # the permutation RandomSampler draws from the same seed
+            order = torch.randperm(length, generator=torch.Generator().manual_seed(shuffle_seed)).tolist()
         self.indices = order[rank::num_replicas]
 
     def __iter__(self) -> Iterator[int]:

@@ -72,3 +72,9 @@ def test_shards_partition_the_dataset_without_repeats(world, seed):
     first = [s[0] for s in shards]
     assert (first == list(range(world))) == (seed is None)  # seeded order is a permutation, not the identity
     assert shards == [list(ShardSampler(10, world, r, seed)) for r in range(world)]  # deterministic
+    if seed is not None:  # the order RandomSampler gave before sharding existed: cached scores stay valid
+        import torch
+        from torch.utils.data import RandomSampler
+
+        order = list(RandomSampler(range(10), generator=torch.Generator().manual_seed(seed)))
+        assert [i for r in range(10) for s in shards for i in s[r:r + 1]] == order
