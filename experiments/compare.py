@@ -169,8 +169,13 @@ def _widths(model, img_size):
     return build_channel_graph(model, img_size).full_widths()
 
 
+def target_macs(fraction, graph, parent) -> int:
+    """The budget in MACs: ``fraction`` of the parent's."""
+    return int(fraction * CostModel(graph, parent).macs())
+
+
 def run_budget(fraction, parent, graph, scores, train, val, args, parent_row) -> list[dict]:
-    target = int(fraction * CostModel(graph, parent).macs())
+    target = target_macs(fraction, graph, parent)
     out = os.path.join(args.out, f"budget_{fraction:g}")
     rows, models = [], {"parent": parent}
     for method in args.methods:

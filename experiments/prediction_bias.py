@@ -21,8 +21,9 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare import _data, _prune, _scores  # noqa: E402
-from pruning import CostModel, build_channel_graph  # noqa: E402
+from compare import _data, _prune, _scores, target_macs  # noqa: E402
+from distill.checkpoint import LAST, load_checkpoint  # noqa: E402
+from pruning import build_channel_graph  # noqa: E402
 from pruning.data import eval_loader  # noqa: E402
 from pruning.weights import load_pretrained_lite0  # noqa: E402
 
@@ -39,9 +40,9 @@ def _predictions(model, val, workers) -> torch.Tensor:
     return torch.cat([model(x).argmax(1) for x, _ in eval_loader(val, 64, workers)])
 
 
-def _student(method, parent, graph, scores, target, train, run_args, run_dir):
+def _student(method, parent, graph, scores, target, train, run_args, checkpoint):
     model = _prune(method, parent, graph, scores, target, train, run_args).eval()  # deterministic: same widths
-    model.load_state_dict(torch.load(os.path.join(run_dir, "last.pth"), map_location="cpu", weights_only=False)["student"])
+    model.load_state_dict(checkpoint["student"])
     return model
 
 
@@ -59,12 +60,12 @@ def main() -> None:
     lines = ["| budget | method | top-1 | predictions in the 10 Imagenette classes | most predicted class (share) |",
              "|---|---|---|---|---|"]
     for budget in run_args.budgets:
-        target = int(budget * CostModel(graph, parent).macs())
+        target = target_macs(budget, graph, parent)
         for method in run_args.methods:
-            run_dir = os.path.join(args.runs, f"budget_{budget:g}", "runs", method)
-            if not os.path.exists(os.path.join(run_dir, "last.pth")):
+            checkpoint = load_checkpoint(os.path.join(args.runs, f"budget_{budget:g}", "runs", method, LAST))
+            if checkpoint is None:
                 continue
-            student = _student(method, parent, graph, scores, target, train, run_args, run_dir)
+            student = _student(method, parent, graph, scores, target, train, run_args, checkpoint)
             p = _predictions(student, val, run_args.workers)
             top, n = collections.Counter(p.tolist()).most_common(1)[0]
             lines.append(f"| {budget:g} | {method} | {(p == labels).float().mean() * 100:.2f} | "
