@@ -19,7 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from pruning import CostModel, build_channel_graph, create_model  # noqa: E402
-from pruning.solve import KnapsackProblem, solve  # noqa: E402
+from pruning.solve import Constraint, KnapsackProblem, solve  # noqa: E402
 
 B3_BUDGET = 1_020_257_090  # efficientnet_b3 @ 300 px budget of the paper's comparison
 
@@ -66,7 +66,7 @@ def main() -> None:
     for dist in ("uniform", "lognormal"):
         scores = random_scores(graph, dist, args.seed)
         for budget in budgets(args, full):
-            problem = KnapsackProblem(scores, cost.macs_poly, graph.full_widths(), budget, args.round_to,
+            problem = KnapsackProblem(scores, [Constraint(cost.macs_cost, budget)], graph.full_widths(), args.round_to,
                                       args.min_keep_fraction)
             for solver in ("exact", "greedy"):
                 t = time.perf_counter()

@@ -190,13 +190,26 @@ def run_budget(fraction, parent, graph, scores, train, val, args, parent_row) ->
     return rows
 
 
-def _write_budget(out, fraction, rows, parent_row, fractions, graph, models, args):
-    os.makedirs(out, exist_ok=True)
-    cols = list(rows[0])
-    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
-        w = csv.DictWriter(f, cols)
+def write_csv(path: str, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as a CSV file, creating its folder."""
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def stage_lines(fractions: dict[str, dict[str, float]]) -> list[str]:
+    """A markdown table of each method's kept fraction of prunable channels per stage."""
+    stages = list(next(iter(fractions.values())))
+    lines = ["", "Kept fraction of prunable channels per stage:", "", "| method | " + " | ".join(stages) + " |",
+             "|---|" + "---|" * len(stages)]
+    return lines + [f"| {m} | " + " | ".join(f"{fr[s]:.2f}" for s in stages) + " |" for m, fr in fractions.items()]
+
+
+def _write_budget(out, fraction, rows, parent_row, fractions, graph, models, args):
+    write_csv(os.path.join(out, "results.csv"), rows)
+    os.makedirs(out, exist_ok=True)
     lines = [f"## Budget {fraction:g} x parent MACs ({rows[0]['target_macs']:,} MACs at {args.img_size} px)", "",
              f"Parent: top-1 {parent_row['top1']} / top-5 {parent_row['top5']}, {parent_row['macs']:,} MACs, "
              f"{parent_row['latency_ms']} ms batch-1, {parent_row['images_per_s']} img/s batch-32", "",
@@ -206,10 +219,7 @@ def _write_budget(out, fraction, rows, parent_row, fractions, graph, models, arg
         lines.append(f"| {r['method']} | {r['loss']} | {r['macs']:,} | {r['macs_error']:+.4f} | {r['params']:,} | {r['top1_pruned']} "
                      f"| {r['top1_recal']} | {r['top1']} | {r['top5']} | {r['latency_ms']} | {r['images_per_s']} "
                      f"| {r['prune_s']} | {r['recal_s']} | {r['finetune_s']} |")
-    stages = list(next(iter(fractions.values())))
-    lines += ["", "Kept fraction of prunable channels per stage:", "", "| method | " + " | ".join(stages) + " |",
-              "|---|" + "---|" * len(stages)]
-    lines += [f"| {m} | " + " | ".join(f"{fr[s]:.2f}" for s in stages) + " |" for m, fr in fractions.items()]
+    lines += stage_lines(fractions)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     series = {m: {**graph.full_widths(), **_widths(models[m], args.img_size)} for m in args.methods}

@@ -8,7 +8,7 @@ allocation, and this framework's counter measures the result. The layers this fr
 from __future__ import annotations
 
 import copy
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +58,14 @@ def torch_pruning_to_macs(model: nn.Module, img_size: int, target_macs: int, imp
         batches: ``(images, labels)`` for the Taylor gradients.
         iterations: bisection steps on the pruning ratio.
     """
+    fits = lambda candidate: count_model(candidate, img_size).macs <= target_macs  # noqa: E731
+    return torch_pruning_until(model, img_size, fits, importance, batches, iterations)
+
+
+def torch_pruning_until(model: nn.Module, img_size: int, fits: Callable[[nn.Module], bool], importance: str = "taylor",
+                        batches: list | None = None, iterations: int = 12) -> nn.Module:
+    """The largest Torch-Pruning model (global ratio found by bisection) for which ``fits(model)`` holds
+    (a MACs budget, a predicted latency, ...); costs must grow with the kept channels."""
     base = copy.deepcopy(model)
     if importance == "taylor":
         _accumulate_gradients(base, batches or [])
@@ -65,7 +73,7 @@ def torch_pruning_to_macs(model: nn.Module, img_size: int, target_macs: int, imp
     for _ in range(iterations):
         mid = (lo + hi) / 2
         candidate = _prune_copy(base, img_size, mid, importance)
-        if count_model(candidate, img_size).macs <= target_macs:
+        if fits(candidate):
             hi, best = mid, candidate
         else:
             lo = mid

@@ -1,4 +1,4 @@
-"""Files of a run: report.json, the pruned model (timm format and this framework's checkpoint), solutions.
+"""Files of a run: report.json, the pruned model (timm format, this framework's checkpoint, ONNX), solutions.
 
 Everything is written atomically, so an interrupted run never leaves a half-written artifact behind.
 """
@@ -13,12 +13,14 @@ import torch
 from torch import nn
 
 from ._io import atomic_torch_save, atomic_write_text
-from .timm_spec import save_timm_format
+from .export import export_onnx
+from .timm_spec import SpecUnsupportedError, save_timm_format
 
 REPORT = "report.json"
 SPEC = "pruned_spec.txt"
 STATE_DICT = "pruned.pth"
 CHECKPOINT = "pruned_checkpoint.pth"
+ONNX = "pruned.onnx"
 SOLUTION = "solution.json"
 
 
@@ -52,14 +54,31 @@ def update_report(run_dir: str, section: str, values: Mapping[str, Any]) -> dict
 
 
 def save_pruned(model: nn.Module, run_dir: str, base_model: str, img_size: int, keep: Mapping[str, list[int]],
-                stage: str) -> list[str]:
-    """Write the pruned model as timm spec + state_dict and as this framework's checkpoint."""
-    spec, weights, ckpt = (os.path.join(run_dir, f) for f in (SPEC, STATE_DICT, CHECKPOINT))
-    save_timm_format(model, spec, weights)
+                stage: str) -> tuple[list[str], str | None]:
+    """Write the pruned model as timm spec + state_dict, this framework's checkpoint and ``pruned.onnx``.
+
+    The ONNX file (dynamic batch, ``img_size`` fixed) is exported from a CPU eval copy, so ``model`` may be on
+    any device or in train mode. timm's spec cannot express removed blocks: then the spec files are not
+    written (stale ones are deleted) and the reason is returned; the other formats always are.
+
+    Returns:
+        ``(files written, why the timm spec was not written or None)``.
+    """
+    spec, weights, ckpt, onnx_path = (os.path.join(run_dir, f) for f in (SPEC, STATE_DICT, CHECKPOINT, ONNX))
+    files, skipped = [], None
+    try:
+        save_timm_format(model, spec, weights)
+        files += [spec, weights]
+    except SpecUnsupportedError as e:
+        skipped = str(e)
+        for stale in (spec, weights):
+            if os.path.isfile(stale):
+                os.remove(stale)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save({"base_model": base_model, "img_size": img_size, "keep": dict(keep), "stage": stage,
                        "state_dict": state}, ckpt)
-    return [spec, weights, ckpt]
+    export_onnx(model, onnx_path, img_size)
+    return files + [ckpt, onnx_path], skipped
 
 
 def load_pruned(path: str, parent: nn.Module | None = None) -> tuple[nn.Module, dict]:

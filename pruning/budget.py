@@ -1,63 +1,104 @@
-"""Budgets: from what users type (``flops_490M``, ``300M``, ``0.3G``, ``0.5``) to a target in MACs.
+"""Budgets: from what users type to limits on costs (MACs, parameters, latency).
 
-Accepted forms:
+Accepted forms, per cost (config key in brackets):
 
-* a paper budget name: ``flops_490M``, ``flops_878M``, ``flops_1240M`` (the MACs of timm's published
-  ``efficientnet_b{1,2,3}_pruned``, see :mod:`pruning.paper`);
-* absolute MACs: an integer (``391208019``) or a number with a suffix K/M/G (``300M``, ``0.3G``, ``1.2e9``);
-* a fraction of the parent's MACs: a number in (0, 1] (``0.5``) or a percentage (``50%``).
+* MACs (``budget.target``): a paper budget name ``flops_490M``, ``flops_878M``, ``flops_1240M`` (the MACs of
+  timm's published ``efficientnet_b{1,2,3}_pruned``, see :mod:`pruning.paper`); absolute MACs as an integer
+  (``391208019``) or with a suffix K/M/G (``300M``, ``0.3G``, ``1.2e9``); a fraction of the parent's MACs
+  (``0.5`` or ``50%``).
+* parameters (``budget.params``): a count (``3000000``, ``3M``) or a fraction of the parent's (``0.5``, ``50%``).
+* latency (``budget.latency``): a time (``8ms``, ``800us``, ``0.008s``) or a fraction of the parent's measured
+  latency (``0.6``, ``60%``) at ``budget.latency_batch`` images per forward pass.
+
+Any combination may be given; each becomes a :class:`~pruning.solve.Constraint`. Infeasible limits fail
+before any solving, naming the lowest achievable value.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import Mapping, Sequence
 
-from .cost import CostModel
+from .cost import Cost
 from .paper import PAPER_CONFIGS
-from .solve import allowed_widths
+from .solve import Constraint, allowed_widths, width_multiple
 
 ACCEPTED = (
     "a paper budget name (flops_490M, flops_878M, flops_1240M), absolute MACs (391208019, 300M, 0.3G, 1.2e9), "
     "or a fraction of the parent's MACs (0.5 or 50%)"
 )
+ACCEPTED_PARAMS = "a parameter count (3000000, 3M, 2.5e6) or a fraction of the parent's (0.5 or 50%)"
+ACCEPTED_LATENCY = "a time (8ms, 800us, 0.008s) or a fraction of the parent's measured latency (0.6 or 60%)"
 _SUFFIX = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9}
+_TIME_MS = {"MS": 1.0, "S": 1000.0, "US": 1e-3}
 _NUMBER = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([kKmMgG%]?)\s*$")
+_TIME = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*(ms|s|us|%)?\s*$", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
 class Budget:
-    """A resolved budget: what the user wrote and the target MACs it means for this parent."""
+    """A resolved MACs budget: what the user wrote and the target MACs it means for this parent."""
 
     spec: str
     macs: int
     fraction: float  # target / parent MACs
 
 
-def _parse(spec: str | float | int, parent_macs: int) -> int:
-    if isinstance(spec, str) and spec in PAPER_CONFIGS:
-        return PAPER_CONFIGS[spec].macs
+# ----------------------------------------------------------------------------------------- parsing
+
+
+def _parse_count(spec: str | float | int, parent: int, accepted: str, names: Mapping[str, int]) -> int:
+    """A count with an optional K/M/G suffix, a fraction in (0, 1] or a percentage, or a known name."""
+    if isinstance(spec, str) and spec in names:
+        return names[spec]
     m = _NUMBER.match(str(spec))
     if m is None:
-        raise ValueError(f"malformed budget {spec!r}: expected {ACCEPTED}")
+        raise ValueError(f"malformed budget {spec!r}: expected {accepted}")
     value, suffix = float(m.group(1)), m.group(2).upper()
-    if suffix == "%":
-        value, suffix = value / 100, "FRACTION"
-    elif suffix == "" and 0 < value <= 1:
-        suffix = "FRACTION"
-    if suffix == "FRACTION":
-        if not 0 < value <= 1:
-            raise ValueError(f"budget {spec!r} is a fraction outside (0, 1]; expected {ACCEPTED}")
-        return int(value * parent_macs)
+    if suffix == "%" or (suffix == "" and 0 < value <= 1):
+        fraction = value / 100 if suffix == "%" else value
+        if not 0 < fraction <= 1:
+            raise ValueError(f"budget {spec!r} is a fraction outside (0, 1]; expected {accepted}")
+        return int(fraction * parent)
     return int(round(value * _SUFFIX[suffix]))
 
 
+def parse_latency(spec: str | float | int, parent_ms: float) -> float:
+    """A latency budget in milliseconds: a time with a unit, or a fraction / percentage of ``parent_ms``.
+
+    Raises:
+        ValueError: malformed, a bare number above 1 (no unit), or a fraction outside (0, 1].
+    """
+    m = _TIME.match(str(spec))
+    if m is None or isinstance(spec, bool):
+        raise ValueError(f"malformed latency budget {spec!r}: expected {ACCEPTED_LATENCY}")
+    value, unit = float(m.group(1)), (m.group(2) or "").upper()
+    if unit in _TIME_MS:
+        if value <= 0:
+            raise ValueError(f"latency budget {spec!r} must be positive; expected {ACCEPTED_LATENCY}")
+        return value * _TIME_MS[unit]
+    fraction = value / 100 if unit == "%" else value
+    if not 0 < fraction <= 1:
+        raise ValueError(
+            f"latency budget {spec!r} has no unit and is not a fraction in (0, 1]; expected {ACCEPTED_LATENCY} "
+            f"(write {spec}ms for milliseconds)"
+        )
+    return fraction * parent_ms
+
+
+def is_time(spec: str | float | int) -> bool:
+    """True when a latency budget is a time (``8ms``), False when it is a fraction of the parent's (``0.6``)."""
+    m = _TIME.match(str(spec))
+    return bool(m) and (m.group(2) or "").upper() in _TIME_MS
+
+
 def resolve_budget(spec: str | float | int, parent_macs: int) -> Budget:
-    """Turn a budget as typed into target MACs for a parent of ``parent_macs`` MACs.
+    """Turn a MACs budget as typed into target MACs for a parent of ``parent_macs`` MACs.
 
     Raises:
         ValueError: a malformed budget (listing the accepted forms) or one above the parent's MACs.
     """
-    macs = _parse(spec, parent_macs)
+    macs = _parse_count(spec, parent_macs, ACCEPTED, {k: c.macs for k, c in PAPER_CONFIGS.items()})
     if macs > parent_macs:
         raise ValueError(
             f"budget {spec!r} = {macs:,} MACs exceeds the unpruned model's {parent_macs:,} MACs; nothing to prune. "
@@ -66,20 +107,65 @@ def resolve_budget(spec: str | float | int, parent_macs: int) -> Budget:
     return Budget(str(spec), macs, macs / parent_macs)
 
 
-def minimum_macs(cost: CostModel, round_to: int = 1, min_keep_fraction: float = 0.0) -> int:
-    """The fewest MACs reachable: every prunable group at its smallest allowed width."""
-    widths = {
-        g.name: int(allowed_widths(g.width, round_to, min_keep_fraction)[0]) for g in cost.graph.prunable_groups()
-    }
-    return cost.macs(widths)
+# ------------------------------------------------------------------------------------ constraints
 
 
-def check_feasible(budget: Budget, cost: CostModel, round_to: int = 1, min_keep_fraction: float = 0.0) -> None:
-    """Fail before any work when no allowed widths meet ``budget``, saying the minimum achievable MACs."""
-    floor = minimum_macs(cost, round_to, min_keep_fraction)
-    if budget.macs < floor:
-        raise ValueError(
-            f"budget {budget.spec!r} = {budget.macs:,} MACs is infeasible: the minimum achievable is {floor:,} MACs "
-            f"({floor / cost.macs():.1%} of the parent) with round_to={round_to}, min_keep_fraction={min_keep_fraction} "
-            "and the protected layers. Raise the budget, or lower min_keep_fraction / round_to, or protect fewer layers"
-        )
+def macs_constraint(spec: str | float | int, cost: Cost) -> Constraint:
+    """``cost`` (a MACs cost) limited by a MACs budget as typed."""
+    return Constraint(cost, resolve_budget(spec, cost()).macs, str(spec))
+
+
+def params_constraint(spec: str | float | int, cost: Cost) -> Constraint:
+    """``cost`` (a parameter cost) limited by a parameter budget as typed."""
+    parent = cost()
+    limit = _parse_count(spec, parent, ACCEPTED_PARAMS, {})
+    if limit > parent:
+        raise ValueError(f"params budget {spec!r} = {limit:,} exceeds the unpruned model's {parent:,}; nothing to prune")
+    return Constraint(cost, limit, str(spec))
+
+
+def latency_constraint(spec: str | float | int, cost: Cost, parent_ms: float | None = None) -> Constraint:
+    """``cost`` (a latency table's cost, in ms) limited by a latency budget as typed.
+
+    Args:
+        parent_ms: the parent's measured latency that fractions refer to (default: the cost's prediction at
+            full widths, which a calibrated table matches).
+    """
+    parent = cost() if parent_ms is None else parent_ms
+    return Constraint(cost, parse_latency(spec, parent), str(spec))
+
+
+# ---------------------------------------------------------------------------------- feasibility
+
+
+def lowest_widths(groups: Sequence, round_to: int = 1, min_keep_fraction: float = 0.0,
+                  removable: Sequence[tuple[str, ...]] = ()) -> dict[str, int]:
+    """The smallest allowed width of every prunable group (0 for the inner groups of removable blocks)."""
+    widths = {g.name: int(allowed_widths(g.width, round_to, min_keep_fraction)[0]) for g in groups}
+    return widths | {name: 0 for block in removable for name in block}
+
+
+def check_feasible(constraints: Sequence[Constraint], groups: Sequence, round_to: int = 1,
+                   min_keep_fraction: float = 0.0, removable: Sequence[tuple[str, ...]] = ()) -> None:
+    """Fail before any work when some limit is below its cost at the lowest allowed widths, naming that minimum.
+
+    Args:
+        constraints: the limits.
+        groups: the prunable groups (``graph.prunable_groups()``).
+    """
+    round_to = width_multiple(round_to, constraints)
+    low = lowest_widths(groups, round_to, min_keep_fraction, removable)
+    for c in constraints:
+        floor, parent = c.cost(low), c.cost()
+        if floor > c.limit * (1 + (0 if c.cost.integral else 1e-12)):
+            raise ValueError(
+                f"{c.name} budget {c.spec or c.limit!r} = {_fmt(c.limit)} {c.cost.unit} is infeasible: the minimum "
+                f"achievable is {_fmt(floor)} {c.cost.unit} ({floor / parent:.1%} of the parent) with "
+                f"round_to={round_to}, min_keep_fraction={min_keep_fraction}"
+                f"{', block removal' if removable else ''} and the protected layers. Raise the budget, or lower "
+                "min_keep_fraction / round_to, allow block removal, or protect fewer layers"
+            )
+
+
+def _fmt(x: int | float) -> str:
+    return f"{x:,}" if isinstance(x, int) else f"{x:.4g}"

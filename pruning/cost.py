@@ -1,34 +1,275 @@
-"""The exact cost model: MACs and parameters of the model as a function of every group's kept width.
+"""Costs as objects: a model's MACs, parameters or latency as a sum of per-layer terms over group widths.
 
-A dense layer costs ``c * out_width * in_width`` and a channelwise layer ``c * width``, so the total is a
-bilinear polynomial in the group widths. Removing a channel therefore also saves the input side of every
-layer that consumed it (the paper's code ignored that saving and missed its targets).
+Every term depends on the kept widths of at most two channel groups (a dense layer: its output and input
+groups; a channelwise layer or op: one group; a layer whose channels are all fixed: none), so a cost is
+*pairwise separable*. That is all a solver needs: :mod:`pruning.solve` evaluates each term on the allowed
+widths of its groups and never asks what the cost means.
+
+Terms:
+
+* :class:`Constant`, :class:`Linear` (``c * w``) and :class:`Bilinear` (``c * w_a * w_b``) make the exact
+  MACs and parameter counts (integers; removing a channel also saves the input side of its consumers);
+* :class:`Interpolated`: values measured on a grid of widths, multilinear in between (latency tables,
+  :mod:`pruning.latency`).
+
+A new kind of cost is a :class:`Cost` built from these terms (or from any new term with ``groups`` and a
+vectorised ``__call__``).
 """
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Protocol, Sequence
 
+import numpy as np
 from torch import nn
 
 from .graph import ChannelGraph
 from .layers import ChannelMap
 
 
+class Term(Protocol):
+    """One layer's cost as a function of the widths of ``groups`` (0, 1 or 2 names).
+
+    ``term(*widths)`` takes one numpy array per group (broadcast against each other) and returns the cost
+    at every combination; widths are integers >= 0 (0 only for a removed block's inner groups).
+    """
+
+    groups: tuple[str, ...]
+    layer: str
+
+    def __call__(self, *widths: np.ndarray) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
-class Polynomial:
-    """``const + sum_g linear[g] * w_g + sum_{(g, h)} pairs[(g, h)] * w_g * w_h`` over group widths."""
+class Constant:
+    """A cost that no width changes."""
 
-    const: int
-    linear: dict[str, int]
-    pairs: dict[tuple[str, str], int]
+    value: int | float
+    layer: str = ""
+    groups: tuple[str, ...] = ()
 
-    def __call__(self, widths: Mapping[str, int]) -> int:
-        total = self.const
-        total += sum(c * widths[g] for g, c in self.linear.items())
-        total += sum(c * widths[g] * widths[h] for (g, h), c in self.pairs.items())
-        return total
+    def __call__(self) -> np.ndarray:
+        return np.asarray(self.value)
+
+
+@dataclass(frozen=True)
+class Linear:
+    """``coef * w``: a channelwise layer, or a dense layer whose other side is fixed."""
+
+    groups: tuple[str]
+    coef: int | float
+    layer: str = ""
+
+    def __call__(self, w: np.ndarray) -> np.ndarray:
+        return self.coef * np.asarray(w)
+
+
+@dataclass(frozen=True)
+class Bilinear:
+    """``coef * w_a * w_b``: a dense layer producing group ``a`` from group ``b`` (or a width squared)."""
+
+    groups: tuple[str, str]
+    coef: int | float
+    layer: str = ""
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.coef * np.asarray(a) * np.asarray(b)
+
+
+@dataclass(frozen=True)
+class Gated:
+    """``w_a * (coef if w_b > 0 else removed)``: a channelwise layer on group ``a`` inside a removable block whose
+    first inner group is ``b``; removing the block removes it, leaving ``removed`` per channel (a kept bias)."""
+
+    groups: tuple[str, str]
+    coef: int | float
+    removed: int | float = 0
+    layer: str = ""
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.asarray(a) * np.where(np.asarray(b) > 0, self.coef, self.removed)
+
+
+@dataclass(frozen=True, eq=False)
+class Interpolated:
+    """Values measured at grid widths, multilinear in between (bilinear on each cell for two groups).
+
+    Attributes:
+        groups: one or two group names.
+        grids: per group, the ascending sample widths (the full width last).
+        values: cost at every grid point, shape ``(len(grids[0]), [len(grids[1])])``.
+        zero_at: per group, True when width 0 means the layer is gone (a removed block) and costs 0;
+            between 0 and the first grid point the cost is interpolated from 0.
+        layer: what was measured (for reports).
+    """
+
+    groups: tuple[str, ...]
+    grids: tuple[tuple[int, ...], ...]
+    values: np.ndarray
+    zero_at: tuple[bool, ...] = ()
+    layer: str = ""
+
+    def __post_init__(self) -> None:
+        shape = tuple(len(g) for g in self.grids)
+        if len(self.grids) != len(self.groups) or np.shape(self.values) != shape:
+            raise ValueError(f"term {self.layer!r}: values of shape {np.shape(self.values)} do not match grids {shape}")
+        if any(list(g) != sorted(set(g)) for g in self.grids):
+            raise ValueError(f"term {self.layer!r}: grid widths must be strictly increasing")
+
+    def __call__(self, *widths: np.ndarray) -> np.ndarray:
+        widths = np.broadcast_arrays(*[np.asarray(w, dtype=np.float64) for w in widths])
+        axes = [self._axis(k) for k in range(len(self.groups))]
+        table = np.asarray(self.values, dtype=np.float64)
+        for k, (grid, zero) in enumerate(axes):
+            if zero:
+                table = np.concatenate([np.zeros_like(table.take([0], axis=k)), table], axis=k)
+        out = np.zeros(widths[0].shape if widths else ())
+        corners = _corners([(np.asarray(g, dtype=np.float64), w) for (g, _), w in zip(axes, widths)])
+        for index, weight in corners:
+            out = out + weight * table[index]
+        return out
+
+    def _axis(self, k: int) -> tuple[tuple[int, ...], bool]:
+        zero = bool(self.zero_at[k]) if k < len(self.zero_at) else False
+        grid = tuple(self.grids[k])
+        return ((0, *grid) if zero and grid[0] != 0 else grid), zero and grid[0] != 0
+
+
+def _corners(axes: list[tuple[np.ndarray, np.ndarray]]):
+    """Multilinear interpolation: the grid corners around each point and their weights (clamped ends)."""
+    per_axis = []
+    for grid, w in axes:
+        if len(grid) == 1:
+            per_axis.append([(np.zeros(w.shape, np.int64), np.ones(w.shape))])
+            continue
+        hi = np.clip(np.searchsorted(grid, w, side="right"), 1, len(grid) - 1)
+        lo = hi - 1
+        t = np.clip((w - grid[lo]) / (grid[hi] - grid[lo]), 0.0, 1.0)
+        per_axis.append([(lo, 1.0 - t), (hi, t)])
+    combos = [((), 1.0)]
+    for options in per_axis:
+        combos = [(idx + (i,), wt * w) for idx, wt in combos for i, w in options]
+    return combos
+
+
+@dataclass
+class Cost:
+    """A model-level cost: the sum of its terms, each over the widths of at most two groups.
+
+    Attributes:
+        name: what is counted (``macs``, ``params``, ``latency``): the key budgets and reports use.
+        unit: the unit of the values (``MACs``, ``params``, ``ms``).
+        terms: one per layer (or op), see :class:`Term`.
+        full_widths: every group's unpruned width (groups not given to :meth:`__call__` stay at it).
+        integral: True when every term is an exact integer (MACs, params): solvers then compare exactly.
+    """
+
+    name: str
+    unit: str
+    terms: list
+    full_widths: dict[str, int]
+    integral: bool = False
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for term in self.terms:
+            if len(term.groups) > 2:
+                raise ValueError(f"cost {self.name!r}: term {term.layer!r} depends on {len(term.groups)} groups; at most 2")
+            unknown = [g for g in term.groups if g not in self.full_widths]
+            if unknown:
+                raise ValueError(f"cost {self.name!r}: term {term.layer!r} names unknown groups {unknown}")
+
+    def widths(self, widths: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Full widths, overridden by ``widths``; unknown group names raise a KeyError naming them."""
+        unknown = set(widths or {}) - set(self.full_widths)
+        if unknown:
+            raise KeyError(f"unknown channel groups {sorted(unknown)}; known: {list(self.full_widths)}")
+        return {**self.full_widths, **(widths or {})}
+
+    def __call__(self, widths: Mapping[str, int] | None = None) -> int | float:
+        """The cost with the given kept widths (groups not named at full width)."""
+        w = self.widths(widths)
+        total = sum(term(*(np.asarray(w[g]) for g in term.groups)) for term in self.terms)
+        return int(total) if self.integral else float(total)
+
+    def by_groups(self) -> dict[tuple[str, ...], list]:
+        """Terms keyed by the sorted tuple of groups they depend on."""
+        out: dict[tuple[str, ...], list] = defaultdict(list)
+        for term in self.terms:
+            out[tuple(sorted(term.groups))].append(term)
+        return dict(out)
+
+    def per_layer(self, widths: Mapping[str, int] | None = None) -> dict[str, float]:
+        """Each term's cost at the given widths, keyed by its layer (summed when a layer has several)."""
+        w = self.widths(widths)
+        out: dict[str, float] = defaultdict(float)
+        for term in self.terms:
+            out[term.layer] += float(term(*(np.asarray(w[g]) for g in term.groups)))
+        return dict(out)
+
+    def is_monotone(self, grids: Mapping[str, np.ndarray] | None = None) -> bool:
+        """True when no term decreases as any width grows (checked on ``grids``, default every width)."""
+        for term in self.terms:
+            axes = [np.arange(0, self.full_widths[g] + 1) if grids is None else np.asarray(grids[g]) for g in term.groups]
+            if not axes:
+                continue
+            mesh = np.meshgrid(*axes, indexing="ij")
+            table = np.asarray(term(*mesh), dtype=np.float64)
+            for k in range(table.ndim):
+                if np.any(np.diff(table, axis=k) < -1e-12 * max(1.0, float(np.abs(table).max()))):
+                    return False
+        return True
+
+
+def _layer_terms(graph: ChannelGraph, per_pair, per_out) -> list:
+    """Bilinear/linear terms of every layer with a rule; dense layers between one group are squares."""
+    terms: list = []
+    for layer in graph.layers:
+        c_pair, c_out = per_pair(layer.cost), per_out(layer.cost)
+        if layer.channel_map is ChannelMap.MIX:
+            if c_pair:
+                terms.append(Bilinear((layer.out_group, layer.in_group), c_pair, layer.module))
+        elif c_pair:
+            terms.append(Linear((layer.out_group,), c_pair, layer.module))
+        if c_out:
+            terms.append(Linear((layer.out_group,), c_out, layer.module))
+    return terms
+
+
+def macs_cost(graph: ChannelGraph) -> Cost:
+    """Exact MACs of conv and linear layers as a function of the group widths (the project's FLOPs convention)."""
+    terms = _layer_terms(graph, lambda c: c.macs_per_pair, lambda c: 0)
+    return Cost("macs", "MACs", terms, graph.full_widths(), integral=True)
+
+
+def params_cost(graph: ChannelGraph, model: nn.Module | None = None) -> Cost:
+    """Exact parameter count; parameters of layers without a rule (if ``model`` is given) are a constant.
+
+    With ``model``, removable blocks are known (:mod:`pruning.blocks`): a block's layers on its residual stream
+    (its last batch norm) go with it, and a block that cannot fold its constant output away keeps one bias per
+    stream channel, so the count stays exact when blocks are removed.
+    """
+    terms = _layer_terms(graph, lambda c: c.params_per_pair, lambda c: c.params_per_out)
+    cost = Cost("params", "params", terms, graph.full_widths(), integral=True)
+    if model is not None:
+        cost.terms = _gate_removable(cost.terms, model, graph)
+        other = sum(p.numel() for p in model.parameters()) - cost()
+        if other:
+            cost.terms.append(Constant(other, "other parameters"))
+    return cost
+
+
+def _gate_removable(terms: list, model: nn.Module, graph: ChannelGraph) -> list:
+    from .blocks import find_block_rule, removable_blocks
+
+    for block in removable_blocks(model, graph):
+        gate = (block.stream, block.inner[0])
+        inside = lambda t: t.layer.startswith(block.module + ".") and t.groups == (block.stream,)  # noqa: E731
+        terms = [Gated(gate, t.coef, 0, t.layer) if isinstance(t, Linear) and inside(t) else t for t in terms]
+        if find_block_rule(model.get_submodule(block.module)).post_add is not None:  # not folded: a bias stays
+            terms.append(Gated(gate, 0, 1, f"{block.module} (bias when removed)"))
+    return terms
 
 
 class CostModel:
@@ -41,40 +282,27 @@ class CostModel:
 
     def __init__(self, graph: ChannelGraph, model: nn.Module | None = None) -> None:
         self.graph = graph
-        self.macs_poly = self._polynomial(lambda cost: (cost.macs_per_pair, 0))
-        params_poly = self._polynomial(lambda cost: (cost.params_per_pair, cost.params_per_out))
-        self.params_poly = Polynomial(params_poly.const + self._other_params(model, params_poly), params_poly.linear, params_poly.pairs)
-
-    def _polynomial(self, coefs) -> Polynomial:
-        linear: dict[str, int] = defaultdict(int)
-        pairs: dict[tuple[str, str], int] = defaultdict(int)
-        for layer in self.graph.layers:
-            per_pair, per_out = coefs(layer.cost)
-            linear[layer.out_group] += per_out
-            if layer.channel_map is ChannelMap.MIX:
-                pairs[(layer.out_group, layer.in_group)] += per_pair
-            else:
-                linear[layer.out_group] += per_pair
-        return Polynomial(0, {g: c for g, c in linear.items() if c}, {k: c for k, c in pairs.items() if c})
-
-    def _other_params(self, model: nn.Module | None, params_poly: Polynomial) -> int:
-        if model is None:
-            return 0
-        total = sum(p.numel() for p in model.parameters())
-        return total - params_poly(self.graph.full_widths())
+        self.macs_cost = macs_cost(graph)
+        self.params_cost = params_cost(graph, model)
 
     def widths(self, widths: Mapping[str, int] | None = None) -> dict[str, int]:
         """Full widths, overridden by ``widths``; unknown group names raise a KeyError naming them."""
-        full = self.graph.full_widths()
-        unknown = set(widths or {}) - set(full)
-        if unknown:
-            raise KeyError(f"unknown channel groups {sorted(unknown)}; known: {list(full)}")
-        return {**full, **(widths or {})}
+        return self.macs_cost.widths(widths)
 
     def macs(self, widths: Mapping[str, int] | None = None) -> int:
         """MACs of conv and linear layers with the given kept widths (others full)."""
-        return self.macs_poly(self.widths(widths))
+        return self.macs_cost(widths)
 
     def params(self, widths: Mapping[str, int] | None = None) -> int:
         """Parameter count with the given kept widths (others full)."""
-        return self.params_poly(self.widths(widths))
+        return self.params_cost(widths)
+
+
+def evaluate(costs: Iterable[Cost], widths: Mapping[str, int] | None = None) -> dict[str, int | float]:
+    """Every cost at the given widths, keyed by name."""
+    return {c.name: c(widths) for c in costs}
+
+
+def groups_of(terms: Sequence) -> set[str]:
+    """Every group some term depends on."""
+    return {g for t in terms for g in t.groups}

@@ -69,15 +69,51 @@ class LayerUse:
     cost: LayerCost
 
 
+@dataclass(frozen=True)
+class NodeUse:
+    """One fx node that does work (a module call, a function or a method on tensors), with its groups.
+
+    Attributes:
+        name: the fx node's name (stable across traces of the same model).
+        op: ``call_module``, ``call_function`` or ``call_method``.
+        target: the module's qualified name, or the function's or method's name.
+        module_scope: the innermost module the node runs in (the module itself for ``call_module``).
+        out_group: the channel group of the output.
+        in_groups: the channel group of each tensor input, in argument order.
+        input_shapes: the unpruned shape of each tensor input (batch 1).
+        output_shape: the unpruned output shape (batch 1).
+        inputs: the fx names of the tensor inputs, in argument order.
+    """
+
+    name: str
+    op: str
+    target: str
+    module_scope: str
+    out_group: str
+    in_groups: tuple[str, ...]
+    input_shapes: tuple[tuple[int, ...], ...]
+    output_shape: tuple[int, ...]
+    inputs: tuple[str, ...] = ()
+
+    @property
+    def groups(self) -> tuple[str, ...]:
+        """Every group the node's work depends on: the output's, then the inputs' (no repeats)."""
+        return tuple(dict.fromkeys((self.out_group, *self.in_groups)))
+
+
 @dataclass
 class ChannelGraph:
-    """Groups and layers of one model at one input size; ``groups`` is in execution order."""
+    """Groups and layers of one model at one input size; ``groups`` is in execution order.
+
+    ``nodes`` lists every fx node that does work, in execution order (empty when built by hand).
+    """
 
     model_name: str
     input_size: tuple[int, int, int]
     groups: dict[str, ChannelGroup]
     layers: list[LayerUse]
     protected_patterns: tuple[str, ...]
+    nodes: list[NodeUse] = field(default_factory=list)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]
@@ -177,9 +213,16 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
-def _where(node: fx.Node) -> str:
+def _scope(node: fx.Node) -> str:
+    """The innermost module ``node`` runs in ("" at the top level)."""
+    if node.op == "call_module":
+        return node.target
     stack = node.meta.get("nn_module_stack") or {}
-    scope = next(reversed(stack.values()), ("", None))[0] if stack else ""
+    return next(reversed(stack.values()), ("", None))[0] if stack else ""
+
+
+def _where(node: fx.Node) -> str:
+    scope = _scope(node)
     target = getattr(node.target, "__name__", node.target)
     return f"operation {target!r} (node {node.name!r}{', in module ' + repr(scope) if scope else ''})"
 
@@ -341,7 +384,8 @@ def is_protected(module_name: str, patterns: Iterable[str]) -> str | None:
     return None
 
 
-def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, ChannelGroup], list[LayerUse]]:
+def _class_names(d: _Discovery) -> dict[int, str]:
+    """Root channel class -> group name (the first layer producing it, or ``input``)."""
     find = d.classes.find
     names: dict[int, str] = {}
     for module, cmap, out_c, in_c, _ in d.layers:
@@ -349,6 +393,30 @@ def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, Channel
             names.setdefault(find(out_c), module)
     for c in d.fixed:
         names.setdefault(find(c), INPUT_GROUP)
+    return names
+
+
+def _node_uses(d: _Discovery) -> list[NodeUse]:
+    """Every node that does work, with the groups of its output and tensor inputs."""
+    names, find = _class_names(d), d.classes.find
+    uses = []
+    for node in d.gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method") or node not in d.chan:
+            continue
+        inputs = [a for a in _flatten_nodes(node.args) + _flatten_nodes(node.kwargs) if a in d.chan]
+        target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        uses.append(NodeUse(
+            name=node.name, op=node.op, target=target, module_scope=_scope(node),
+            out_group=names[find(d.chan[node])], in_groups=tuple(names[find(d.chan[a])] for a in inputs),
+            input_shapes=tuple(_shape(a) for a in inputs), output_shape=_shape(node),
+            inputs=tuple(a.name for a in inputs),
+        ))
+    return uses
+
+
+def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, ChannelGroup], list[LayerUse]]:
+    find = d.classes.find
+    names = _class_names(d)
     groups: dict[str, ChannelGroup] = {}
     for root in sorted(names):  # roots are the earliest class: execution order
         groups[names[root]] = ChannelGroup(name=names[root], width=d.classes.width[root])
@@ -416,4 +484,4 @@ def build_channel_graph(
     discovery.run()
     groups, layers = _assemble(discovery, patterns)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    return ChannelGraph(name, (in_chans, *hw), groups, layers, patterns)
+    return ChannelGraph(name, (in_chans, *hw), groups, layers, patterns, _node_uses(discovery))

@@ -62,27 +62,42 @@ class LayerRule:
         """Keep only input channels ``idx`` (MIX layers only)."""
 
 
-_RULES: dict[type, LayerRule] = {}
+class TypeRegistry:
+    """Rules keyed by module type; lookup walks the module's MRO, so subclasses inherit their base's rule."""
+
+    def __init__(self) -> None:
+        self._rules: dict[type, object] = {}
+
+    def register(self, *module_types: type) -> Callable[[type], type]:
+        """Class decorator registering a rule (instantiated once) for ``module_types`` and their subclasses."""
+
+        def wrap(rule_cls: type) -> type:
+            rule = rule_cls()
+            for t in module_types:
+                self._rules[t] = rule
+            return rule_cls
+
+        return wrap
+
+    def find(self, module: nn.Module):
+        """The rule registered for ``module``'s type or its nearest registered base class, else None."""
+        for cls in type(module).__mro__:
+            if cls in self._rules:
+                return self._rules[cls]
+        return None
+
+
+_RULES = TypeRegistry()
 
 
 def register_rule(*module_types: type) -> Callable[[type[LayerRule]], type[LayerRule]]:
-    """Class decorator registering a rule (instantiated once) for ``module_types`` and their subclasses."""
-
-    def wrap(rule_cls: type[LayerRule]) -> type[LayerRule]:
-        rule = rule_cls()
-        for t in module_types:
-            _RULES[t] = rule
-        return rule_cls
-
-    return wrap
+    """Class decorator registering a layer rule (instantiated once) for ``module_types`` and their subclasses."""
+    return _RULES.register(*module_types)
 
 
 def find_rule(module: nn.Module) -> LayerRule | None:
-    """The rule registered for ``module``'s type or its nearest registered base class, else None."""
-    for cls in type(module).__mro__:
-        if cls in _RULES:
-            return _RULES[cls]
-    return None
+    """The layer rule registered for ``module``'s type or its nearest registered base class, else None."""
+    return _RULES.find(module)
 
 
 def _replace_param(module: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:

@@ -20,7 +20,8 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import artifacts
-from .budget import Budget, check_feasible, resolve_budget
+from .budget import (Budget, check_feasible, is_time, latency_constraint, params_constraint, parse_latency,
+                     resolve_budget)
 from .cost import CostModel
 from .data import ImageListDataset, eval_loader, eval_transform, image_dataset
 from .distributed import barrier, default_device, is_main
@@ -31,10 +32,23 @@ from .paper import PAPER_CONFIGS, paper_widths
 from .plots import plot_kept_fractions
 from .prune import prune_model
 from .recalibrate import recalibrate_bn
-from .search import kept_fraction_by_stage, knapsack_problem
-from .solve import SOLVERS, Solution, solve
+from .search import kept_fraction_by_stage, knapsack_problem, removable_groups, solve_to_measured
+from .solve import SOLVERS, Constraint, Solution, solve
 
 STAGES = ("importance", "solve", "prune", "finetune", "validate")
+
+
+def budget_dir(target: Any, latency: Any = None, batch: Any = 1, params: Any = None) -> str:
+    """The run directory's budget part: ``0.5``, ``0.5-lat0.6b1``, ``none-lat8ms-b32``, ``0.5-params3M``."""
+    parts = [str(target).lower() if target is not None else "none"]
+    if latency is not None:
+        parts.append(f"lat{latency}b{batch}")
+    if params is not None:
+        parts.append(f"params{params}")
+    return "-".join(parts)
+
+
+OmegaConf.register_new_resolver("budget_dir", budget_dir, replace=True)
 
 
 class PipelineError(ValueError):
@@ -66,10 +80,12 @@ class Run:
         self.train_cfg = instantiate(self.cfg.trainer)
         self.train_cfg.check()
         check_weights(self.cfg.model.name, self.cfg.model.pretrained, self.cfg.model.checkpoint)
+        self._check_budget_specs()
         self._load_parent()
         self._check_budget()
         if self._needs_data():
             self._check_data()
+        self._build_constraints()  # last: a latency budget measures its table (once, then cached)
 
     def _needs(self, stage: str) -> bool:
         return stage in self.stages
@@ -86,10 +102,56 @@ class Run:
         self.graph = build_channel_graph(self.parent, m.img_size, protected)
         self.cost = CostModel(self.graph, self.parent)
 
+    def _check_budget_specs(self) -> None:
+        """Malformed budgets and latency settings fail here, before the parent is even loaded."""
+        b = self.cfg.budget
+        if b.target is None and b.latency is None and b.params is None:
+            raise PipelineError("no budget: set budget.target (MACs), budget.latency or budget.params (any combination)")
+        if b.latency is not None:
+            from .latency import check_settings
+
+            parse_latency(b.latency, 1.0)
+            lat = self.cfg.latency
+            check_settings(batch=b.latency_batch, threads=lat.threads, device=lat.device, backend=lat.backend)
+
     def _check_budget(self) -> None:
-        s = self.cfg.solver
-        self.budget: Budget = resolve_budget(self.cfg.budget.target, self.cost.macs())
-        check_feasible(self.budget, self.cost, s.round_to, s.min_keep_fraction)
+        """MACs and params budgets against the parent (latency ones need the measured table: later)."""
+        b, s = self.cfg.budget, self.cfg.solver
+        self.removable = removable_groups(self.parent, self.graph) if s.allow_block_removal else ()
+        self.budget: Budget | None = None if b.target is None else resolve_budget(b.target, self.cost.macs())
+        self.constraints: list[Constraint] = []
+        if self.budget is not None:
+            self.constraints.append(Constraint(self.cost.macs_cost, self.budget.macs, self.budget.spec))
+        if b.params is not None:
+            self.constraints.append(params_constraint(b.params, self.cost.params_cost))
+        check_feasible(self.constraints, self.graph.prunable_groups(), s.round_to, s.min_keep_fraction, self.removable)
+
+    def _build_constraints(self) -> None:
+        """Add the latency budget, measuring this device's latency table on first use."""
+        b, s = self.cfg.budget, self.cfg.solver
+        self.latency_table = None
+        if b.latency is None:
+            return
+        self.latency_table = self._latency_table()
+        limit = latency_constraint(b.latency, self.latency_table.cost(self.graph), self.latency_table.parent_ms)
+        self.constraints.append(limit)  # widths then keep the table's channel multiple (solve.width_multiple)
+        check_feasible(self.constraints, self.graph.prunable_groups(), s.round_to, s.min_keep_fraction, self.removable)
+
+    def _latency_table(self):
+        """The parent's latency table for this device and settings (``python -m pruning.profile`` builds the same)."""
+        from .latency import load_or_profile
+
+        lat, b = self.cfg.latency, self.cfg.budget
+        settings = dict(batch=b.latency_batch, threads=lat.threads, device=lat.device, backend=lat.backend)
+        cache = os.path.join(self.cfg.paths.cache_dir, "latency")
+        parent = self.parent.to("cpu") if lat.device == "cpu" else self.parent
+        if is_main():  # one rank measures; the others read its table
+            table = load_or_profile(parent, self.graph, self.cfg.model.name, cache, **settings)
+        barrier()
+        if not is_main():
+            table = load_or_profile(parent, self.graph, self.cfg.model.name, cache, progress=False, **settings)
+        self.parent.to(default_device())
+        return table
 
     def _check_data(self) -> None:
         if self.cfg.data.root is None:
@@ -135,17 +197,73 @@ class Run:
                                     **OmegaConf.to_container(self.cfg.importance.criterion)})
 
     def stage_solve(self) -> None:
-        """Kept widths and channels under the budget (the knapsack)."""
+        """Kept widths and channels under every budget (the knapsack)."""
         scores = self.scores if self.scores is not None else self._load_scores()
         s = self.cfg.solver
-        problem = knapsack_problem(self.cost, scores, self.budget, s.round_to, s.min_keep_fraction)
-        self.solution = solve(problem, s.name, s.time_limit, s.gap_tol)
-        if is_main():
-            artifacts.write_json(os.path.join(self.run_dir, artifacts.SOLUTION), asdict(self.solution))
-        self._report("budget", {"name": self.cfg.budget.name, "spec": self.budget.spec, "target_macs": self.budget.macs,
-                                "fraction_of_parent": self.budget.fraction})
+        problem = knapsack_problem(self.graph, scores, self.constraints, s.round_to, s.min_keep_fraction, self.removable)
+        if self.latency_table is not None and self.cfg.latency.verify_iterations > 0:
+            # measurements differ run to run: a rerun keeps the solution it measured, so a resumed run stays whole
+            self.solution = self._reusable_solution(problem) or (self._solve_measured(problem) if is_main() else None)
+            barrier()  # one rank measures; the others read its solution
+            self.solution = self.solution or self._load_solution()
+        else:
+            self.solution = solve(problem, s.name, s.time_limit, s.gap_tol)
+            if is_main():
+                artifacts.write_json(os.path.join(self.run_dir, artifacts.SOLUTION), self.solution.to_dict())
+        self._report("budget", self._budget_summary())
         self._report("solve", {k: v for k, v in asdict(self.solution).items() if k not in ("keep", "widths")}
-                     | {"round_to": s.round_to, "min_keep_fraction": s.min_keep_fraction})
+                     | {"round_to_asked": s.round_to, "min_keep_fraction": s.min_keep_fraction,
+                        "allow_block_removal": s.allow_block_removal, "removable_blocks": len(self.removable)})
+
+    def _solve_measured(self, problem) -> Solution:
+        """The knapsack, re-solved while the chosen model measures over the latency budget on this device."""
+        s = self.cfg.solver
+        solution, history = solve_to_measured(problem, self._measured_latency, self._allowed_latency(), solver=s.name,
+                                              time_limit=s.time_limit, gap_tol=s.gap_tol,
+                                              iterations=self.cfg.latency.verify_iterations)
+        artifacts.write_json(os.path.join(self.run_dir, artifacts.SOLUTION),
+                             solution.to_dict() | {"problem_key": self._problem_key(problem)})
+        self._report("latency_verification", {"rounds": self.cfg.latency.rounds, "steps": history,
+                                              "unit": "ms" if is_time(self.cfg.budget.latency) else "ratio to parent"})
+        return solution
+
+    def _problem_key(self, problem) -> str:
+        limits = [(c.name, c.spec, c.limit) for c in problem.constraints]
+        return artifacts.config_key(limits, problem.round_to, problem.min_keep_fraction, problem.removable,
+                                    OmegaConf.to_container(self.cfg.solver), self._scores_key(),
+                                    self.latency_table.meta, OmegaConf.to_container(self.cfg.latency))
+
+    def _reusable_solution(self, problem) -> Solution | None:
+        """The measured solution an earlier run of this exact problem left in the run directory, if any."""
+        path = os.path.join(self.run_dir, artifacts.SOLUTION)
+        if not os.path.isfile(path):
+            return None
+        saved = artifacts.read_json(path)
+        return Solution.from_dict(saved) if saved.get("problem_key") == self._problem_key(problem) else None
+
+    def _allowed_latency(self) -> float:
+        """The latency budget in the unit :meth:`_measured_latency` measures: ms, or a ratio to the parent."""
+        spec = self.cfg.budget.latency
+        return parse_latency(spec, 1.0)  # a time in ms, or the fraction itself (of a parent of 1)
+
+    def _measured_latency(self, solution: Solution) -> float:
+        """The pruned model's latency measured against the parent's, interleaved: ms, or a ratio to the parent."""
+        from .latency import measure_latency
+
+        lat, b = self.cfg.latency, self.cfg.budget
+        models = {"parent": self.parent.to(lat.device), "pruned": prune_model(self.parent, self.graph, solution.keep)}
+        ms = measure_latency(models, self.cfg.model.img_size, batch=b.latency_batch, threads=lat.threads,
+                             device=lat.device, backend=lat.backend, rounds=lat.rounds)
+        self.parent.to(default_device())
+        return ms["pruned"] if is_time(b.latency) else ms["pruned"] / ms["parent"]
+
+    def _budget_summary(self) -> dict:
+        summary = {"name": self.cfg.budget.name, "constraints": [
+            {"cost": c.name, "spec": c.spec, "limit": c.limit, "unit": c.cost.unit, "parent": c.cost(),
+             "fraction_of_parent": c.limit / c.cost()} for c in self.constraints]}
+        if self.budget is not None:
+            summary |= {"spec": self.budget.spec, "target_macs": self.budget.macs, "fraction_of_parent": self.budget.fraction}
+        return summary
 
     def stage_prune(self) -> None:
         """The physically smaller model, saved in timm format and as this framework's checkpoint."""
@@ -155,11 +273,32 @@ class Run:
             self._recalibrate()
         widths = {**self.graph.full_widths(), **solution.widths}
         if is_main():
-            files = artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
-                                          solution.keep, "pruned")
+            files, skipped = artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name,
+                                                   self.cfg.model.img_size, solution.keep, "pruned")
             files.append(self._plot_widths(widths))
             self.logger.log_files(files)
+            self._report("artifacts", {"files": [os.path.basename(f) for f in files], "timm_spec_skipped": skipped})
         self._report("model", self._model_summary(widths))
+        if self.latency_table is not None:
+            self._report("latency", self._latency_summary(widths))
+
+    def _latency_summary(self, widths: dict[str, int]) -> dict:
+        """Predicted (the table) and measured (interleaved with the parent) latency, parent and pruned."""
+        from .latency import measure_latency
+
+        lat, b, cost = self.cfg.latency, self.cfg.budget, self.latency_table.cost(self.graph)
+        models = {"parent": self.parent.to(lat.device), "pruned": self.student.to(lat.device)}
+        measured = measure_latency(models, self.cfg.model.img_size, batch=b.latency_batch, threads=lat.threads,
+                                   device=lat.device, backend=lat.backend, rounds=lat.rounds)
+        for m in models.values():
+            m.to(default_device())
+        return {"batch": b.latency_batch, "threads": lat.threads or torch.get_num_threads(), "device": lat.device,
+                "backend": lat.backend, "rounds": lat.rounds, "unit": "ms",
+                "predicted_parent": cost(), "predicted_pruned": cost(widths),
+                "measured_parent": measured["parent"], "measured_pruned": measured["pruned"],
+                "measured_ratio": measured["pruned"] / measured["parent"],
+                "table": {k: v for k, v in self.latency_table.meta.items() if k != "groups"} | {
+                    "path": getattr(self.latency_table, "path", None), "align": self.latency_table.align}}
 
     def stage_finetune(self) -> None:
         """Inner-distillation fine-tuning under the frozen parent; resumes from its last checkpoint."""
@@ -174,7 +313,7 @@ class Run:
         self.student = result.student.eval()
         if is_main():
             artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
-                                  self._load_solution().keep, "finetuned")
+                                  self._load_solution().keep, "finetuned")  # same formats as the prune stage
         self._report("finetune", {"steps": result.steps, "method": self.distill_cfg.method,
                                   "last": result.history[-1] if result.history else None})
 
@@ -212,7 +351,7 @@ class Run:
         path = os.path.join(self.run_dir, artifacts.SOLUTION)
         if not os.path.isfile(path):
             raise PipelineError(f"no solution in {self.run_dir}: add the solve stage (stages=[importance,solve,prune])")
-        return Solution(**artifacts.read_json(path))
+        return Solution.from_dict(artifacts.read_json(path))
 
     def _load_student(self) -> nn.Module:
         path = os.path.join(self.run_dir, artifacts.CHECKPOINT)
@@ -240,7 +379,8 @@ class Run:
                    "weights": self.cfg.model.checkpoint or ("timm" if self.cfg.model.pretrained else "random init"),
                    "macs_before": self.cost.macs(), "params_before": self.cost.params(),
                    "macs_after": self.cost.macs(widths), "params_after": self.cost.params(widths),
-                   "achieved_over_target": self.cost.macs(widths) / self.budget.macs,
+                   "achieved_over_target": self.cost.macs(widths) / self.budget.macs if self.budget else None,
+                   "removed_blocks": [list(b) for b in self.removable if all(widths[g] == 0 for g in b)],
                    "widths_before": full, "widths_after": widths,
                    "kept_fraction_by_stage": kept_fraction_by_stage(self.graph, widths)}
         published = self._published_widths()
@@ -260,7 +400,8 @@ class Run:
         published = self._published_widths()
         if published is not None:
             series[PAPER_CONFIGS[self.cfg.budget.name].timm_pruned] = published
-        title = f"{self.cfg.model.name}@{self.cfg.model.img_size}, budget {self.budget.spec} ({self.budget.macs:,} MACs)"
+        limits = ", ".join(f"{c.name} {c.spec}" for c in self.constraints)
+        title = f"{self.cfg.model.name}@{self.cfg.model.img_size}, budget {limits}"
         return plot_kept_fractions(self.graph, series, os.path.join(self.run_dir, "kept_fractions.png"), title)
 
     def _report(self, section: str, values: dict) -> None:

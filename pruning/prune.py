@@ -7,21 +7,23 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
+from .blocks import blocks_to_remove, remove_blocks, removable_blocks
 from .graph import ChannelGraph
 from .layers import find_rule
 
 
-def _check_keep(graph: ChannelGraph, keep: Mapping[str, Sequence[int]]) -> dict[str, torch.Tensor]:
+def _check_keep(graph: ChannelGraph, keep: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:
     checked = {}
     for name, idx in keep.items():
         if name not in graph.groups:
             raise KeyError(f"unknown channel group {name!r}; the model's groups are {list(graph.groups)}")
         group = graph.groups[name]
-        idx = torch.as_tensor(list(idx), dtype=torch.long).sort().values
+        idx = torch.as_tensor(idx, dtype=torch.long).sort().values
         if len(idx) == 0 or idx.unique().numel() != len(idx) or idx[0] < 0 or idx[-1] >= group.width:
+            hint = " (width 0 is allowed only for the inner groups of a removable block)" if len(idx) == 0 else ""
             raise ValueError(
                 f"group {name!r}: kept indices must be 1..{group.width} distinct values in [0, {group.width}), "
-                f"got {len(idx)} values"
+                f"got {len(idx)} values{hint}"
             )
         if len(idx) == group.width:
             continue  # nothing removed: leave the layers untouched (bit-identical)
@@ -37,13 +39,25 @@ def prune_model(model: nn.Module, graph: ChannelGraph, keep: Mapping[str, Sequen
     Args:
         model: the unpruned model ``graph`` was built from (left unchanged).
         graph: its channel graph.
-        keep: group name -> indices of the channels to keep; groups not named are kept whole.
+        keep: group name -> indices of the channels to keep; groups not named are kept whole. The inner
+            groups of a removable block (:func:`pruning.blocks.removable_blocks`) may keep none, all of
+            them together: the block is then removed (see :func:`pruning.blocks.remove_blocks`).
 
     Returns:
         A new model with smaller layers. In eval mode its output equals the original's with the removed
         channels zeroed where they are consumed.
+
+    Raises:
+        KeyError: an unknown group.
+        ValueError: bad indices, a non-prunable group, an empty group that is not a removable block's inner
+            group, or a block with only some of its inner groups empty (naming the block).
     """
-    keep_idx = _check_keep(graph, keep)
+    keep = {name: list(idx) for name, idx in keep.items()}
+    removed = []
+    if any(len(idx) == 0 for idx in keep.values()):
+        removed = blocks_to_remove(removable_blocks(model, graph), keep)
+    emptied = {g for block in removed for g in block.inner}
+    keep_idx = _check_keep(graph, {name: idx for name, idx in keep.items() if name not in emptied})
     pruned = copy.deepcopy(model)
     modules = dict(pruned.named_modules())
     for name, idx in keep_idx.items():
@@ -51,6 +65,8 @@ def prune_model(model: nn.Module, graph: ChannelGraph, keep: Mapping[str, Sequen
             module = modules[member.module]
             rule = find_rule(module)
             (rule.prune_in if member.role == "in" else rule.prune_out)(module, idx)
+    # after slicing: a removed block's constant comes from its last BN, already cut to the kept stream channels
+    remove_blocks(pruned, removed)
     _sync_timm_attributes(pruned)
     return pruned
 

@@ -40,11 +40,17 @@ def _run(cfg: DictConfig) -> dict:
 
 
 def _print_summary(report: dict, run_dir: str) -> None:
-    model, val = report.get("model", {}), report.get("validate", {})
+    model, val, lat = report.get("model", {}), report.get("validate", {}), report.get("latency", {})
     if model:
-        log.info("%s@%s: %s -> %s MACs (%.4f of target), %s -> %s params", model["name"], model["img_size"],
-                 f"{model['macs_before']:,}", f"{model['macs_after']:,}", model["achieved_over_target"],
+        ratio = model.get("achieved_over_target")
+        log.info("%s@%s: %s -> %s MACs%s, %s -> %s params", model["name"], model["img_size"],
+                 f"{model['macs_before']:,}", f"{model['macs_after']:,}",
+                 f" ({ratio:.4f} of target)" if ratio is not None else "",
                  f"{model['params_before']:,}", f"{model['params_after']:,}")
+    if lat:
+        log.info("latency at batch %s (%s, %s threads): %.2f -> %.2f ms measured (%.3fx), %.2f -> %.2f ms predicted",
+                 lat["batch"], lat["backend"], lat["threads"], lat["measured_parent"], lat["measured_pruned"],
+                 lat["measured_ratio"], lat["predicted_parent"], lat["predicted_pruned"])
     if val:
         log.info("validation: %s", val)
     log.info("run directory: %s", run_dir)

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass
-from typing import Mapping
+from dataclasses import dataclass, replace
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -22,14 +22,14 @@ from .budget import Budget, check_feasible, resolve_budget
 from .cost import CostModel
 from .graph import ChannelGraph
 from .prune import prune_model
-from .solve import KnapsackProblem, Solution, solve
+from .solve import Constraint, KnapsackProblem, Solution, solve
 
 
 @dataclass
 class SearchResult:
     """A solved budget and the pruned model it gives."""
 
-    budget: Budget
+    budget: Budget | None
     solution: Solution
     pruned: nn.Module
     macs_before: int
@@ -39,21 +39,22 @@ class SearchResult:
 
     @property
     def ratio(self) -> float:
-        """Achieved MACs over the target."""
-        return self.macs_after / self.budget.macs
+        """Achieved MACs over the target (NaN without a MACs budget)."""
+        return self.macs_after / self.budget.macs if self.budget is not None else float("nan")
 
 
 def knapsack_problem(
-    cost: CostModel, scores: Mapping[str, torch.Tensor], budget: Budget, round_to: int = 1, min_keep_fraction: float = 0.0
+    graph: ChannelGraph, scores: Mapping[str, torch.Tensor], constraints: Sequence[Constraint], round_to: int = 1,
+    min_keep_fraction: float = 0.0, removable: Sequence[tuple[str, ...]] = (),
 ) -> KnapsackProblem:
-    """The solver's view of one model, its scores and a budget."""
+    """The solver's view of one model, its scores and its limits."""
     return KnapsackProblem(
         scores={g: np.asarray(torch.as_tensor(s, dtype=torch.float64)) for g, s in scores.items()},
-        macs=cost.macs_poly,
-        full_widths=cost.graph.full_widths(),
-        budget=budget.macs,
+        constraints=list(constraints),
+        full_widths=graph.full_widths(),
         round_to=round_to,
         min_keep_fraction=min_keep_fraction,
+        removable=tuple(removable),
     )
 
 
@@ -61,32 +62,88 @@ def search(
     model: nn.Module,
     graph: ChannelGraph,
     scores: Mapping[str, torch.Tensor],
-    budget: str | float | int | Budget,
+    budget: str | float | int | Budget | None,
     solver: str = "exact",
     round_to: int = 1,
     min_keep_fraction: float = 0.0,
     time_limit: float = 10.0,
+    constraints: Sequence[Constraint] = (),
+    allow_block_removal: bool = False,
 ) -> SearchResult:
-    """Choose the channels to keep under ``budget`` and build the pruned model.
+    """Choose the channels to keep under ``budget`` (and any other ``constraints``) and build the pruned model.
 
     Args:
         model: the unpruned model of ``graph``.
         graph: its channel graph (fixes the input size the MACs are counted at).
         scores: per-channel importance of every prunable group.
-        budget: a :class:`Budget` or anything :func:`resolve_budget` accepts.
+        budget: a MACs budget: a :class:`Budget` or anything :func:`resolve_budget` accepts; None for none.
         solver: a name in :data:`pruning.solve.SOLVERS`.
         round_to: kept widths are multiples of this (or full).
         min_keep_fraction: no group keeps fewer than this fraction of its channels.
         time_limit: seconds the solver may use.
+        constraints: further limits (params, latency: :mod:`pruning.budget`), all met together.
+        allow_block_removal: removable residual blocks (:mod:`pruning.blocks`) may lose all inner channels.
     """
     cost = CostModel(graph, model)
-    if not isinstance(budget, Budget):
-        budget = resolve_budget(budget, cost.macs())
-    check_feasible(budget, cost, round_to, min_keep_fraction)
-    solution = solve(knapsack_problem(cost, scores, budget, round_to, min_keep_fraction), solver, time_limit)
+    limits = list(constraints)
+    if budget is not None:
+        if not isinstance(budget, Budget):
+            budget = resolve_budget(budget, cost.macs())
+        limits.insert(0, Constraint(cost.macs_cost, budget.macs, budget.spec))
+    if not limits:
+        raise ValueError("no budget: give a MACs budget or at least one constraint (params, latency)")
+    removable = removable_groups(model, graph) if allow_block_removal else ()
+    check_feasible(limits, graph.prunable_groups(), round_to, min_keep_fraction, removable)
+    problem = knapsack_problem(graph, scores, limits, round_to, min_keep_fraction, removable)
+    solution = solve(problem, solver, time_limit)
     pruned = prune_model(model, graph, solution.keep)
-    widths = {g: len(k) for g, k in solution.keep.items()}
+    widths = solution.widths
     return SearchResult(budget, solution, pruned, cost.macs(), cost.macs(widths), cost.params(), cost.params(widths))
+
+
+def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], float], allowed: float,
+                      cost_name: str = "latency", solver: str = "exact", time_limit: float = 10.0,
+                      gap_tol: float = 1e-6, iterations: int = 4, margin: float = 0.99) -> tuple[Solution, list[dict]]:
+    """Solve, measure the solution on the device, and while the measurement exceeds ``allowed``, lower the
+    limit of ``cost_name`` by the measured excess and solve again.
+
+    A latency table predicts, it does not measure: the optimiser also favours the widths the table happens to
+    under-predict. Measuring the chosen model closes that loop on the hardware the user pays for.
+
+    Args:
+        problem: the problem, with a constraint on ``cost_name``.
+        measure: solution -> the measured quantity (a latency in ms, or a ratio to the parent's).
+        allowed: the largest acceptable measurement, in ``measure``'s unit.
+        iterations: solves at most; margin: each new limit is this much below the proportional one.
+
+    Returns:
+        ``(solution, history)``; each history entry has the limit, the predicted cost and the measurement.
+        The last solution is returned even if it still measures over ``allowed`` (its entry says so).
+    """
+    history: list[dict] = []
+    solution = solve(problem, solver, time_limit, gap_tol)
+    for i in range(iterations):
+        limit = next(c for c in problem.constraints if c.name == cost_name)
+        measured = measure(solution)
+        history.append({"limit": limit.limit, "predicted": solution.costs[cost_name], "measured": measured,
+                        "allowed": allowed, "met": measured <= allowed})
+        if measured <= allowed or i + 1 == iterations:
+            break
+        tighter = replace(limit, limit=limit.limit * allowed / measured * margin)
+        problem = replace(problem, constraints=[tighter if c is limit else c for c in problem.constraints])
+        try:
+            solution = solve(problem, solver, time_limit, gap_tol)
+        except ValueError as e:  # the tighter limit is below the lowest achievable: keep the last solution
+            history.append({"limit": tighter.limit, "stopped": str(e)})
+            break
+    return solution, history
+
+
+def removable_groups(model: nn.Module, graph: ChannelGraph) -> tuple[tuple[str, ...], ...]:
+    """The inner groups of every block that may be removed whole (see :mod:`pruning.blocks`)."""
+    from .blocks import removable_blocks
+
+    return tuple(b.inner for b in removable_blocks(model, graph))
 
 
 _STAGE = re.compile(r"^((?:blocks|layer|stages|features)\.?\d+)")

@@ -7,6 +7,10 @@ the layers from it. A pruned model saved as spec + state_dict therefore loads wi
     model = timm.create_model("efficientnet_b1")
     model = adapt_model_from_string(model, open("pruned_spec.txt").read().strip())
     model.load_state_dict(torch.load("pruned.pth"), strict=True)
+
+A model with removed residual blocks (:mod:`pruning.blocks`) has no such spec: the spec lists state_dict
+shapes, and timm's adapter can only resize layers, not drop a block. Those models raise
+:class:`SpecUnsupportedError`.
 """
 from __future__ import annotations
 
@@ -19,14 +23,39 @@ import torch
 from torch import nn
 
 from ._io import atomic_torch_save, atomic_write_text
+from .blocks import removed_blocks
 from .graph import ChannelGraph
 
 SEPARATOR = "***"
 _ENTRY = re.compile(r"^([\w.\-]+):\[([\d,\s]*)\]$")
 
 
+class SpecUnsupportedError(ValueError):
+    """The model cannot be written as a timm pruned spec (it has removed blocks); other formats hold it."""
+
+
+def check_spec_expressible(model: nn.Module) -> None:
+    """Raise :class:`SpecUnsupportedError` when ``model`` has removed blocks, naming them.
+
+    Detected from the model itself (the replacement modules carry a marker), so any pruned model is checked
+    the same way whatever produced it.
+    """
+    names = removed_blocks(model)
+    if names:
+        raise SpecUnsupportedError(
+            f"the model has {len(names)} removed residual block(s) ({', '.join(names)}); timm's pruned spec lists "
+            "state_dict shapes and cannot express a removed block, so no timm-format files were written. "
+            "pruned_checkpoint.pth (load it with pruning.artifacts.load_pruned) and the ONNX file hold this model."
+        )
+
+
 def spec_from_model(model: nn.Module) -> str:
-    """The one-line timm spec of ``model``: every state_dict key with its shape."""
+    """The one-line timm spec of ``model``: every state_dict key with its shape.
+
+    Raises:
+        SpecUnsupportedError: the model has removed blocks.
+    """
+    check_spec_expressible(model)
     return SEPARATOR.join(f"{k}:{list(v.shape)}" for k, v in model.state_dict().items())
 
 
@@ -75,7 +104,12 @@ def adapt_to_spec(model: nn.Module, spec: str) -> nn.Module:
 
 
 def save_timm_format(model: nn.Module, spec_path: str, state_dict_path: str) -> None:
-    """Write ``model`` as a timm spec file and a state_dict file, each atomically."""
+    """Write ``model`` as a timm spec file and a state_dict file, each atomically.
+
+    Raises:
+        SpecUnsupportedError: the model has removed blocks; nothing is written.
+    """
+    check_spec_expressible(model)
     atomic_write_text(spec_path, spec_from_model(model) + "\n")
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, state_dict_path)
 

@@ -4,7 +4,9 @@ from __future__ import annotations
 import pytest
 
 from pruning import CostModel, build_channel_graph, create_model
-from pruning.budget import check_feasible, minimum_macs, resolve_budget
+from pruning.budget import (check_feasible, latency_constraint, lowest_widths, macs_constraint, params_constraint,
+                            parse_latency, resolve_budget)
+from pruning.cost import Cost, Linear
 
 PARENT = 2_000_000_000
 
@@ -31,9 +33,46 @@ def test_bad_budgets_name_the_value_and_the_forms(spec, needle):
 
 def test_infeasible_budget_reports_minimum():
     model = create_model("efficientnet_b0")
-    cost = CostModel(build_channel_graph(model, 64), model)
-    floor = minimum_macs(cost, round_to=8, min_keep_fraction=0.1)
+    graph = build_channel_graph(model, 64)
+    cost = CostModel(graph, model)
+    floor = cost.macs(lowest_widths(graph.prunable_groups(), 8, 0.1))
     assert floor < cost.macs()
-    check_feasible(resolve_budget(floor, cost.macs()), cost, 8, 0.1)
+    check_feasible([macs_constraint(floor, cost.macs_cost)], graph.prunable_groups(), 8, 0.1)
     with pytest.raises(ValueError, match=f"minimum achievable is {floor:,} MACs"):
-        check_feasible(resolve_budget(floor - 1, cost.macs()), cost, 8, 0.1)
+        check_feasible([macs_constraint(floor - 1, cost.macs_cost)], graph.prunable_groups(), 8, 0.1)
+
+
+@pytest.mark.parametrize("spec,ms", [("8ms", 8.0), ("800us", 0.8), ("0.008s", 8.0), ("0.6", 12.0), (0.6, 12.0),
+                                     ("60%", 12.0), ("2.5 ms", 2.5), (1, 20.0)])
+def test_latency_forms(spec, ms):
+    assert parse_latency(spec, 20.0) == pytest.approx(ms)
+
+
+@pytest.mark.parametrize("spec,needle", [("8", "no unit"), ("fast", "malformed latency"), ("0ms", "positive"),
+                                         ("150%", "no unit"), ("8 hours", "malformed")])
+def test_bad_latency_budgets_say_the_forms(spec, needle):
+    with pytest.raises(ValueError, match=needle) as err:
+        parse_latency(spec, 20.0)
+    assert "8ms" in str(err.value)
+
+
+def test_params_and_latency_constraints():
+    full = {"a": 10}
+    params = Cost("params", "params", [Linear(("a",), 100)], full, integral=True)
+    assert params_constraint("50%", params).limit == 500 and params_constraint("0.7K", params).limit == 700
+    with pytest.raises(ValueError, match="exceeds"):
+        params_constraint("2K", params)
+    latency = Cost("latency", "ms", [Linear(("a",), 0.5)], full)
+    assert latency_constraint("0.6", latency).limit == pytest.approx(3.0)  # fraction of the predicted parent
+    assert latency_constraint("0.6", latency, parent_ms=10.0).limit == pytest.approx(6.0)  # of the measured one
+    with pytest.raises(ValueError, match=r"minimum achievable is 0.5 ms \(10.0% of the parent\)"):
+        check_feasible([latency_constraint("0.4ms", latency)], [type("G", (), {"name": "a", "width": 10})()])
+
+
+def test_block_removal_lowers_the_minimum():
+    model = create_model("efficientnet_b0")
+    graph = build_channel_graph(model, 64)
+    cost = CostModel(graph, model)
+    block = ("blocks.2.1.conv_pw", "blocks.2.1.se.conv_reduce")
+    low = lowest_widths(graph.prunable_groups(), removable=[block])
+    assert low["blocks.2.1.conv_pw"] == 0 and cost.macs(low) < cost.macs(lowest_widths(graph.prunable_groups()))

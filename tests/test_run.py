@@ -98,11 +98,50 @@ def _preflight(tmp_path, *overrides):
     (["trainer.batch_size=0"], "batch_size=0"),
     (["importance=taylor_weight", "data.root=null"], "data.root is not set"),
     (["stages=[importance,solve,prune,finetune]", "data.root=/nonexistent/data"], "'/nonexistent/data' does not exist"),
+    (["budget.latency=fast"], "malformed latency budget 'fast'"),
+    (["budget.latency=8"], "write 8ms for milliseconds"),
+    (["budget.latency=0.6", "latency.backend=tensorrt"], "unknown latency backend 'tensorrt'"),
+    (["budget.latency=0.6", "budget.latency_batch=0"], "batch must be an integer >= 1"),
+    (["budget.target=null"], "no budget"),
+    (["budget.params=9G"], "exceeds the unpruned model"),
 ])
 def test_bad_input_fails_in_preflight(tmp_path, overrides, needle):
     with pytest.raises((ValueError, FileNotFoundError)) as err:
         _preflight(tmp_path, *overrides)
     assert needle in str(err.value)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised where no GPU is present")
+def test_latency_on_cuda_without_a_gpu_fails_before_loading_anything(tmp_path, monkeypatch):
+    import pruning.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "load_parent", lambda *a: pytest.fail("the parent was loaded before the check"))
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        _preflight(tmp_path, "budget.latency=0.6", "latency.device=cuda")
+
+
+def test_latency_and_macs_budgets_are_both_met(tmp_path):
+    """A measured latency table (built on first use, reused after) and a MACs budget bind together."""
+    overrides = ["model.name=resnet18", "model.img_size=32", "budget.target=0.8", "budget.latency=0.6",
+                 "latency.threads=1", "latency.rounds=3"]
+    run = Run(_search_cfg(tmp_path, *overrides), str(tmp_path / "lat"), NullLogger())
+    run.preflight()
+    report = run.run()
+    limits = {c["cost"]: c["limit"] for c in report["budget"]["constraints"]}
+    assert set(limits) == {"macs", "latency"} and report["solve"]["costs"]["macs"] <= limits["macs"]
+    assert report["solve"]["costs"]["latency"] <= limits["latency"] * (1 + 1e-9)
+    assert report["solve"]["binding"]  # at least one limit stops every group from growing
+    lat = report["latency"]
+    assert lat["predicted_pruned"] == pytest.approx(report["solve"]["costs"]["latency"])
+    assert lat["batch"] == 1 and lat["backend"] == "torch" and lat["threads"] == 1
+    assert lat["measured_parent"] > 0 and lat["measured_pruned"] > 0 and lat["table"]["model"] == "resnet18"
+    tables = list((tmp_path / "cache" / "latency").iterdir())
+    again = Run(_search_cfg(tmp_path, *overrides[:-2], "budget.latency=0.5", "latency.threads=1"),
+                str(tmp_path / "lat2"), NullLogger())
+    again.preflight()  # a second budget on the same device reuses the table
+    assert list((tmp_path / "cache" / "latency").iterdir()) == tables
+    with pytest.raises(ValueError, match="minimum achievable"):
+        _preflight(tmp_path, *overrides[:3], "budget.latency=0.001ms", "latency.threads=1")
 
 
 def test_corrupt_checkpoint_and_empty_data(tmp_path):

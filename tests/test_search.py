@@ -90,3 +90,21 @@ def test_threshold_is_a_global_ranking(b1):
     multi_kept = torch.cat([torch.as_tensor(scores[g])[torch.tensor(k)] for g, k in result.solution.keep.items() if g not in singles])
     assert multi_kept.min() >= dropped.max()
     assert len(kept) + len(dropped) == sum(g.width for g in graph.prunable_groups())
+
+
+def test_solve_to_measured_tightens_until_the_device_agrees():
+    """A device 10% slower than its table: the limit is lowered by the measured excess and solved again."""
+    from test_solve import random_problem
+
+    from pruning.search import solve_to_measured
+    from pruning.solve import Constraint, KnapsackProblem
+
+    p = random_problem(11, kind="table")
+    table = p.constraints[0].cost
+    allowed = 0.8 * table()  # the budget in ms
+    p = KnapsackProblem(p.scores, [Constraint(table, allowed, "0.8")], p.full_widths)
+    measure = lambda sol: 1.1 * table({**p.full_widths, **sol.widths})  # noqa: E731
+    solution, history = solve_to_measured(p, measure, allowed)
+    assert not history[0]["met"] and history[-1]["met"] and len(history) >= 2
+    assert measure(solution) <= allowed < 1.1 * history[0]["predicted"]
+    assert [h["limit"] for h in history] == sorted((h["limit"] for h in history), reverse=True)

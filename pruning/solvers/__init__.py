@@ -1,0 +1,5 @@
+"""The solvers of :func:`pruning.solve.solve`, one module each: ``exact``, ``cpsat`` and the baselines.
+
+Each registers itself with :func:`pruning.solve.register_solver` and receives the problem reduced to its
+prunable groups (:class:`~pruning.solvers.instance.Instance`).
+"""
