@@ -22,6 +22,7 @@ from typing import Mapping, Sequence
 from .cost import Cost
 from .paper import PAPER_CONFIGS
 from .solve import Constraint, allowed_widths, width_multiple
+from .solvers.instance import within_limit
 
 ACCEPTED = (
     "a paper budget name (flops_490M, flops_878M, flops_1240M), absolute MACs (391208019, 300M, 0.3G, 1.2e9), "
@@ -157,7 +158,7 @@ def check_feasible(constraints: Sequence[Constraint], groups: Sequence, round_to
     low = lowest_widths(groups, round_to, min_keep_fraction, removable)
     for c in constraints:
         floor, parent = c.cost(low), c.cost()
-        if floor > c.limit * (1 + (0 if c.cost.integral else 1e-12)):
+        if not within_limit(floor, c.limit, c.cost.integral):
             raise ValueError(
                 f"{c.name} budget {c.spec or c.limit!r} = {_fmt(c.limit)} {c.cost.unit} is infeasible: the minimum "
                 f"achievable is {_fmt(floor)} {c.cost.unit} ({floor / parent:.1%} of the parent) with "

@@ -235,10 +235,9 @@ def _evaluate_terms(c: Constraint, full, pos, grids, edges, k: int, n_constraint
         free = [g for g in term.groups if g in pos]
         if not free:
             const = const + _typed(term(*args), c, term)
-        elif len(set(free)) == 1:
+        elif len(set(free)) == 1:  # one prunable group (twice for a width squared)
             i = pos[free[0]]
-            vals = _typed(term(*args), c, term) if len(term.groups) < 2 or len(free) == 1 else \
-                _typed(term(grids[i], grids[i]), c, term)  # a width squared
+            vals = _typed(term(*args), c, term)
             unary[i] = unary[i] + vals
             if term.groups[0] == free[0]:
                 own[i] = own[i] + vals
