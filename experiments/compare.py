@@ -199,26 +199,30 @@ def write_csv(path: str, rows: list[dict]) -> None:
         w.writerows(rows)
 
 
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    """Lines of a markdown table: the header, its rule, one line per row of cells."""
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return [line(header), "|---|" + "---|" * (len(header) - 1)] + [line(r) for r in rows]
+
+
 def stage_lines(fractions: dict[str, dict[str, float]]) -> list[str]:
     """A markdown table of each method's kept fraction of prunable channels per stage."""
     stages = list(next(iter(fractions.values())))
-    lines = ["", "Kept fraction of prunable channels per stage:", "", "| method | " + " | ".join(stages) + " |",
-             "|---|" + "---|" * len(stages)]
-    return lines + [f"| {m} | " + " | ".join(f"{fr[s]:.2f}" for s in stages) + " |" for m, fr in fractions.items()]
+    rows = [[m, *(f"{fr[s]:.2f}" for s in stages)] for m, fr in fractions.items()]
+    return ["", "Kept fraction of prunable channels per stage:", ""] + markdown_table(["method", *stages], rows)
 
 
 def _write_budget(out, fraction, rows, parent_row, fractions, graph, models, args):
     write_csv(os.path.join(out, "results.csv"), rows)
-    os.makedirs(out, exist_ok=True)
     lines = [f"## Budget {fraction:g} x parent MACs ({rows[0]['target_macs']:,} MACs at {args.img_size} px)", "",
              f"Parent: top-1 {parent_row['top1']} / top-5 {parent_row['top5']}, {parent_row['macs']:,} MACs, "
-             f"{parent_row['latency_ms']} ms batch-1, {parent_row['images_per_s']} img/s batch-32", "",
-             "| method | fine-tuning loss | MACs | err vs target | params | top-1 pruned | top-1 +BN recal | top-1 fine-tuned | top-5 fine-tuned "
-             "| latency ms | img/s | prune s | recal s | finetune s |", "|---|" + "---|" * 13]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['loss']} | {r['macs']:,} | {r['macs_error']:+.4f} | {r['params']:,} | {r['top1_pruned']} "
-                     f"| {r['top1_recal']} | {r['top1']} | {r['top5']} | {r['latency_ms']} | {r['images_per_s']} "
-                     f"| {r['prune_s']} | {r['recal_s']} | {r['finetune_s']} |")
+             f"{parent_row['latency_ms']} ms batch-1, {parent_row['images_per_s']} img/s batch-32", ""]
+    header = ["method", "fine-tuning loss", "MACs", "err vs target", "params", "top-1 pruned", "top-1 +BN recal",
+              "top-1 fine-tuned", "top-5 fine-tuned", "latency ms", "img/s", "prune s", "recal s", "finetune s"]
+    lines += markdown_table(header, [[r["method"], r["loss"], f"{r['macs']:,}", f"{r['macs_error']:+.4f}",
+                                      f"{r['params']:,}", r["top1_pruned"], r["top1_recal"], r["top1"], r["top5"],
+                                      r["latency_ms"], r["images_per_s"], r["prune_s"], r["recal_s"],
+                                      r["finetune_s"]] for r in rows])
     lines += stage_lines(fractions)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare import _batches, _environment, _finetune, _scores, _top, stage_lines, write_csv  # noqa: E402
+from compare import _batches, _environment, _finetune, _scores, _top, markdown_table, stage_lines, write_csv  # noqa: E402
 from peers import torch_pruning_until  # noqa: E402
 from pruning import CostModel, build_channel_graph  # noqa: E402
 from pruning.data import ImageListDataset, eval_transform, image_dataset  # noqa: E402
@@ -204,13 +204,12 @@ def _write_target(out, batch, target, rows, parent_ms, s: Setup, models) -> None
                         f"kept fractions at {target:.3f} x the parent's latency, batch {batch}")
     fractions = {m: kept_fraction_by_stage(s.graph, w) for m, w in series.items()}
     lines = [f"## Target: {target:.3f} x the parent's measured latency at batch {batch} (parent {parent_ms:.3f} ms "
-             "in the same rounds as the table below)", "",
-             "| method | MACs | predicted ms | measured ms | measured / parent | meets target | blocks removed "
-             "| top-1 +BN recal | top-1 fine-tuned | top-5 fine-tuned |", "|---|" + "---|" * 9]
-    for r in rows:
-        lines.append(f"| {r['method']} | {r['macs']:,} | {r['predicted_ms']} | {r['measured_ms']} | {r['measured_vs_parent']} "
-                     f"| {'yes' if r['meets_target'] else 'no'} | {r['removed_blocks']} | {r['top1_recal']} | {r['top1']} "
-                     f"| {r['top5']} |")
+             "in the same rounds as the table below)", ""]
+    header = ["method", "MACs", "predicted ms", "measured ms", "measured / parent", "meets target", "blocks removed",
+              "top-1 +BN recal", "top-1 fine-tuned", "top-5 fine-tuned"]
+    lines += markdown_table(header, [[r["method"], f"{r['macs']:,}", r["predicted_ms"], r["measured_ms"],
+                                      r["measured_vs_parent"], "yes" if r["meets_target"] else "no",
+                                      r["removed_blocks"], r["top1_recal"], r["top1"], r["top5"]] for r in rows])
     lines += stage_lines(fractions)
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

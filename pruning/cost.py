@@ -17,9 +17,8 @@ vectorised ``__call__``).
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Protocol, Sequence
+from typing import Mapping, Protocol
 
 import numpy as np
 from torch import nn
@@ -163,6 +162,8 @@ class Cost:
         terms: one per layer (or op), see :class:`Term`.
         full_widths: every group's unpruned width (groups not given to :meth:`__call__` stay at it).
         integral: True when every term is an exact integer (MACs, params): solvers then compare exactly.
+        meta: what the cost was measured with; ``meta["round_to"]``, when set, is the width multiple at which
+            it is exact (a latency table's channel alignment), which solvers then keep.
     """
 
     name: str
@@ -192,21 +193,6 @@ class Cost:
         w = self.widths(widths)
         total = sum(term(*(np.asarray(w[g]) for g in term.groups)) for term in self.terms)
         return int(total) if self.integral else float(total)
-
-    def by_groups(self) -> dict[tuple[str, ...], list]:
-        """Terms keyed by the sorted tuple of groups they depend on."""
-        out: dict[tuple[str, ...], list] = defaultdict(list)
-        for term in self.terms:
-            out[tuple(sorted(term.groups))].append(term)
-        return dict(out)
-
-    def per_layer(self, widths: Mapping[str, int] | None = None) -> dict[str, float]:
-        """Each term's cost at the given widths, keyed by its layer (summed when a layer has several)."""
-        w = self.widths(widths)
-        out: dict[str, float] = defaultdict(float)
-        for term in self.terms:
-            out[term.layer] += float(term(*(np.asarray(w[g]) for g in term.groups)))
-        return dict(out)
 
     def is_monotone(self, grids: Mapping[str, np.ndarray] | None = None) -> bool:
         """True when no term decreases as any width grows (checked on ``grids``, default every width)."""
@@ -297,12 +283,3 @@ class CostModel:
         """Parameter count with the given kept widths (others full)."""
         return self.params_cost(widths)
 
-
-def evaluate(costs: Iterable[Cost], widths: Mapping[str, int] | None = None) -> dict[str, int | float]:
-    """Every cost at the given widths, keyed by name."""
-    return {c.name: c(widths) for c in costs}
-
-
-def groups_of(terms: Sequence) -> set[str]:
-    """Every group some term depends on."""
-    return {g for t in terms for g in t.groups}

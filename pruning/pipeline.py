@@ -248,14 +248,20 @@ class Run:
 
     def _measured_latency(self, solution: Solution) -> float:
         """The pruned model's latency measured against the parent's, interleaved: ms, or a ratio to the parent."""
+        ms = self._measure_against_parent(prune_model(self.parent, self.graph, solution.keep))
+        return ms["pruned"] if is_time(self.cfg.budget.latency) else ms["pruned"] / ms["parent"]
+
+    def _measure_against_parent(self, pruned: nn.Module) -> dict[str, float]:
+        """ms per forward pass of the parent and ``pruned`` on the latency device, in interleaved rounds."""
         from .latency import measure_latency
 
-        lat, b = self.cfg.latency, self.cfg.budget
-        models = {"parent": self.parent.to(lat.device), "pruned": prune_model(self.parent, self.graph, solution.keep)}
-        ms = measure_latency(models, self.cfg.model.img_size, batch=b.latency_batch, threads=lat.threads,
-                             device=lat.device, backend=lat.backend, rounds=lat.rounds)
-        self.parent.to(default_device())
-        return ms["pruned"] if is_time(b.latency) else ms["pruned"] / ms["parent"]
+        lat = self.cfg.latency
+        models = {"parent": self.parent.to(lat.device), "pruned": pruned.to(lat.device)}
+        ms = measure_latency(models, self.cfg.model.img_size, batch=self.cfg.budget.latency_batch,
+                             threads=lat.threads, device=lat.device, backend=lat.backend, rounds=lat.rounds)
+        for m in models.values():
+            m.to(default_device())
+        return ms
 
     def _budget_summary(self) -> dict:
         summary = {"name": self.cfg.budget.name, "constraints": [
@@ -284,14 +290,8 @@ class Run:
 
     def _latency_summary(self, widths: dict[str, int]) -> dict:
         """Predicted (the table) and measured (interleaved with the parent) latency, parent and pruned."""
-        from .latency import measure_latency
-
         lat, b, cost = self.cfg.latency, self.cfg.budget, self.latency_table.cost(self.graph)
-        models = {"parent": self.parent.to(lat.device), "pruned": self.student.to(lat.device)}
-        measured = measure_latency(models, self.cfg.model.img_size, batch=b.latency_batch, threads=lat.threads,
-                                   device=lat.device, backend=lat.backend, rounds=lat.rounds)
-        for m in models.values():
-            m.to(default_device())
+        measured = self._measure_against_parent(self.student)
         return {"batch": b.latency_batch, "threads": lat.threads or torch.get_num_threads(), "device": lat.device,
                 "backend": lat.backend, "rounds": lat.rounds, "unit": "ms",
                 "predicted_parent": cost(), "predicted_pruned": cost(widths),
