@@ -19,7 +19,7 @@ from pruning._io import atomic_torch_save
 
 LAST = "last.pth"
 # fields that may change between a run and its resumption without changing its result
-RESUMABLE_CHANGES = {"workers", "log_every", "checkpoint_every_steps"}
+RESUMABLE_CHANGES = {"workers", "log_every", "checkpoint_every_steps", "checkpoint_minutes"}
 
 
 def rng_state() -> dict[str, Any]:

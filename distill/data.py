@@ -78,11 +78,19 @@ class EpochSeededDataset(Dataset):
 
 class ResumableSampler(DistributedSampler):
     """torch's DistributedSampler (shuffled per epoch by ``seed + epoch``, sharded, last partial batch dropped)
-    that can start ``start`` samples into this rank's shard: the position of an interrupted epoch."""
+    that can start ``start`` samples into this rank's shard: the position of an interrupted epoch.
 
-    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int) -> None:
+    With ``weights`` an epoch is instead ``len(dataset)`` draws with replacement in proportion to them (class- or
+    source-balanced sampling), seeded the same way, so a resumed epoch still replays the same images.
+    """
+
+    def __init__(self, dataset: Dataset, num_replicas: int, rank: int, seed: int, batch_size: int,
+                 weights: torch.Tensor | None = None) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        if weights is not None and len(weights) != len(dataset):
+            raise ValueError(f"{len(weights)} sampling weights for {len(dataset)} images")
         self.batch_size = batch_size
+        self.weights = weights
         self.start = 0
 
     def batches_per_epoch(self) -> int:
@@ -95,8 +103,14 @@ class ResumableSampler(DistributedSampler):
         self.start = batch * self.batch_size
 
     def __iter__(self) -> Iterator[int]:
-        indices = list(super().__iter__())[: self.batches_per_epoch() * self.batch_size]
-        return iter(indices[self.start:])
+        indices = list(super().__iter__()) if self.weights is None else self._weighted()
+        return iter(indices[: self.batches_per_epoch() * self.batch_size][self.start:])
+
+    def _weighted(self) -> list[int]:
+        """This rank's share of the epoch's weighted draws (every rank draws the same list, then shards it)."""
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        draws = torch.multinomial(self.weights, self.total_size, replacement=True, generator=generator).tolist()
+        return draws[self.rank:self.total_size:self.num_replicas]
 
     def __len__(self) -> int:
         return self.batches_per_epoch() * self.batch_size - self.start

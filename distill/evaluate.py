@@ -192,6 +192,24 @@ def _teacher_metrics(teacher, dataset, out_dir, teacher_key, batch_size, workers
     return cache[key]["metrics"], False
 
 
+# below this many classes a validation set measures a subset of ImageNet, not ImageNet accuracy
+FEW_CLASSES = 100
+# a student this many top-1 points above its own teacher has likely been trained on the validation classes alone
+STUDENT_LEAD = 2.0
+
+
+def validation_warnings(classes: int, student_top1: float, teacher_top1: float) -> list[str]:
+    """What a reader of the validation result must know: few classes, or a student that beats its teacher."""
+    warnings = []
+    if classes < FEW_CLASSES:
+        warnings.append(f"the validation set covers {classes} of ImageNet's 1000 classes: its top-1 does not measure "
+                        "ImageNet accuracy; validate on ImageNet val images (data.val_root)")
+    if student_top1 > teacher_top1 + STUDENT_LEAD:
+        warnings.append(f"the student beats its teacher by {student_top1 - teacher_top1:.1f} top-1 points: a sign that "
+                        "it was trained on the validation classes (class overlap), not that pruning helped")
+    return warnings
+
+
 def format_pair(result: dict[str, Any]) -> str:
     """A markdown table of :func:`validate_pair`'s result."""
     rows = ["| model | top-1 | top-5 | images | images/s |", "|---|---|---|---|---|"]

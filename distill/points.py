@@ -10,8 +10,10 @@ children are walked in order; a child named as a stage container by timm's ``fea
   dropout layers that follow it: EfficientNet gives ``bn2`` (head), ``global_pool`` (pooled features) and
   ``classifier`` (logits); MobileNetV3 gives ``global_pool``, ``flatten`` (head) and ``classifier``.
 
-This reproduces the authors' list (stem, each stage, head, pooled features, logits) for timm's EfficientNet,
-MobileNetV3 and ResNet. ``"last"`` keeps only the last stage's output.
+This list, ``"all"``, is the default: stem, each stage, head, pooled features, logits (EfficientNet: ``bn1``,
+``blocks.0`` ... ``blocks.6``, ``bn2``, ``global_pool``, ``classifier``). ``"authors"`` is the list of the
+authors' code: the output of every top-level child and of every stage, followers included (EfficientNet adds
+``conv_stem`` and ``conv_head``, the pre-normalisation outputs). ``"last"`` keeps only the last stage's output.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-POINTS = ("all", "last")
+POINTS = ("all", "authors", "last")
 
 # layers that only transform their input elementwise or per channel: they belong to the point before them
 _FOLLOWERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Identity, nn.Flatten, nn.Dropout,
@@ -65,12 +67,24 @@ def _is_follower(module: nn.Module) -> bool:
     return isinstance(module, _FOLLOWERS) or type(module).__name__.lower().endswith(("act", "activation"))
 
 
+def _overwritten(following: list[str], modules: dict[str, nn.Module]) -> bool:
+    """True when an in-place activation among the parameter-free followers overwrites this output (it is then
+    the same point as that activation's output)."""
+    for name in following:
+        if getattr(modules[name], "inplace", False):
+            return True
+        if _has_params(modules[name]) or not _is_follower(modules[name]):
+            return False
+    return False
+
+
 def matched_points(model: nn.Module, points: str = "all") -> list[str]:
     """Module names whose outputs are matched between student and teacher, in execution order.
 
     Args:
         model: a timm CNN (the student or the teacher: pruning keeps module names, so both give the same list).
-        points: ``"all"`` (stem, stages, head, pooled features, logits) or ``"last"`` (last stage only).
+        points: ``"all"`` (the default: stem, stages, head, pooled features, logits), ``"authors"`` (every
+            top-level child and every stage) or ``"last"`` (last stage only).
 
     Raises:
         ValueError: unknown ``points``, or a model without a stage the rule can find.
@@ -84,6 +98,8 @@ def matched_points(model: nn.Module, points: str = "all") -> list[str]:
         raise ValueError(f"{type(model).__name__} has no stages in timm's feature_info; cannot match inner features")
     if points == "last":
         return [stages[-1]]
+    if points == "authors":
+        return [n for i, n in enumerate(order) if not _overwritten(order[i + 1:], modules)]
     stage_set = set(stages)
     first = order.index(next(s for s in order if s in stage_set))
     result = [order[first - 1]] if first > 0 else []  # the stem: its last module's output

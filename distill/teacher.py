@@ -61,10 +61,15 @@ def _fold(conv: nn.Conv2d, norm: nn.BatchNorm2d) -> None:
     conv.bias = nn.Parameter((bias - norm.running_mean) * scale + norm.bias, requires_grad=False)
 
 
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """A copy of the eval-mode ``model`` with every provable conv -> batch norm pair folded into the conv."""
+def fold_batchnorm(model: nn.Module, keep: tuple[str, ...] = ()) -> nn.Module:
+    """A copy of the eval-mode ``model`` with every provable conv -> batch norm pair folded into the conv.
+
+    Convs named in ``keep`` (matched points) are left unfolded: folding changes what they output.
+    """
     model = copy.deepcopy(model).eval()
     for conv_name, norm_name in conv_norm_pairs(model):
+        if conv_name in keep:
+            continue
         modules = dict(model.named_modules())
         post = _post_norm(modules[norm_name])
         if post is None:
@@ -75,12 +80,15 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     return model
 
 
-def prepare_teacher(teacher: nn.Module, device: torch.device, fold_bn: bool = True, channels_last: bool = True) -> nn.Module:
+def prepare_teacher(teacher: nn.Module, device: torch.device, fold_bn: bool = True, channels_last: bool = True,
+                    points: tuple[str, ...] = ()) -> nn.Module:
     """The teacher to run during training: frozen, on ``device``, optionally folded and channels-last.
+
+    ``points`` are the matched points: a conv among them keeps its batch norm (its output must stay the conv's).
 
     Works on a copy: the caller's ``teacher`` keeps its mode, device and ``requires_grad`` flags, so the same
     parent can be pruned again or teach another student afterwards.
     """
-    fast = fold_batchnorm(teacher) if fold_bn else copy.deepcopy(teacher)
+    fast = fold_batchnorm(teacher, tuple(points)) if fold_bn else copy.deepcopy(teacher)
     fast = freeze(fast).to(device)
     return fast.to(memory_format=torch.channels_last) if channels_last else fast

@@ -10,6 +10,8 @@ in the same state, bit for bit on CPU, as a run that was never interrupted.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import random
 import time
@@ -32,6 +34,9 @@ from .loss import DistillConfig, DistillStudent, build_projections, distill_loss
 from .loss import matched_feature_shapes, point_key, points_for
 from .precision import autocast, check_amp, grad_scaler
 from .teacher import prepare_teacher
+
+log = logging.getLogger(__name__)
+_clock = time.monotonic  # wall clock of the time-triggered checkpoints (tests replace it)
 
 
 class Logger(Protocol):
@@ -58,7 +63,14 @@ class TrainConfig:
         channels_last: run the student in channels-last layout.
         img_size: training resolution (used when ``train_set`` has no transform, and to size projections).
         checkpoint_every_steps: also checkpoint every N updates (always at every epoch end).
+        checkpoint_minutes: also checkpoint once this many minutes of wall time have passed since the last
+            checkpoint (or the start of this call), so a killed job loses at most about that much work;
+            None = off. The clock is read only at logging updates (every ``log_every``), where no partly
+            averaged loss is pending, so a run resumed from such a checkpoint also logs the same history;
+            under DDP the ranks agree through one tiny all-reduce (the longest elapsed time decides).
         log_every: log and record history every N updates.
+        val_every_steps: with a ``val_set``, also validate every N updates and after the last (a learning curve
+            in the history); it runs in eval mode and draws no random numbers, so training is unchanged.
         grad_clip: clip the gradient norm to this value; None = off.
         teacher_fold_bn, teacher_channels_last: run the frozen teacher with batch norm folded into its
             convs and in channels-last layout (same outputs up to float rounding, faster).
@@ -82,6 +94,8 @@ class TrainConfig:
     img_size: int = 224
     seed: int = 0
     checkpoint_every_steps: int | None = None
+    checkpoint_minutes: float | None = 10.0
+    val_every_steps: int | None = None
     log_every: int = 10
     grad_clip: float | None = None
     teacher_fold_bn: bool = True
@@ -91,12 +105,16 @@ class TrainConfig:
         """Raise a ValueError naming any bad field."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "img_size": self.img_size, "log_every": self.log_every}
         bad = [f"{k}={v!r}" for k, v in positive.items() if v < 1]
-        bad += [f"{k}={v!r}" for k, v in {"max_steps": self.max_steps, "checkpoint_every_steps": self.checkpoint_every_steps}.items()
-                if v is not None and v < 1]
+        optional = {"max_steps": self.max_steps, "checkpoint_every_steps": self.checkpoint_every_steps,
+                    "val_every_steps": self.val_every_steps}
+        bad += [f"{k}={v!r}" for k, v in optional.items() if v is not None and v < 1]
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             bad.append(f"ema_decay={self.ema_decay!r}")
+        if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:  # also catches NaN
+            bad.append(f"checkpoint_minutes={self.checkpoint_minutes!r}")
         if bad:
-            raise ValueError(f"invalid training settings: {', '.join(bad)} (counts must be >= 1, ema_decay in (0, 1) or None)")
+            raise ValueError(f"invalid training settings: {', '.join(bad)} (counts must be >= 1, ema_decay in (0, 1) "
+                             "or None, checkpoint_minutes > 0 or None to checkpoint only by epoch and step count)")
 
 
 @dataclass
@@ -130,6 +148,7 @@ def finetune(
     logger: Logger | None = None,
     progress: bool = True,
     val_set: Dataset | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> FinetuneResult:
     """Fine-tune ``student`` (in place) under ``teacher``; resume from ``out_dir/last.pth`` when present.
 
@@ -144,12 +163,15 @@ def finetune(
         logger: any object with ``log(metrics, step)``, called on rank 0; None = no logging.
         progress: tqdm bar on rank 0.
         val_set: when given, evaluated at every epoch end (``val/top1``, ``val/top5`` in the history).
+        sample_weights: one weight per training image: each epoch then draws ``len(train_set)`` images with
+            replacement in proportion to them (class- or source-balanced sampling); None visits each once.
 
     Raises:
         ValueError: bad settings, an empty dataset, a missing teacher, or a checkpoint of another run.
         NonFiniteLossError: the loss became NaN/inf; the last checkpoint is left as it was.
     """
-    return Trainer(student, teacher, train_set, distill, train, out_dir, logger, progress, val_set).run()
+    return Trainer(student, teacher, train_set, distill, train, out_dir, logger, progress, val_set,
+                   sample_weights).run()
 
 
 def _check_inputs(distill: DistillConfig, train: TrainConfig, teacher, train_set: Dataset, device: torch.device) -> None:
@@ -171,28 +193,30 @@ def _seed_everything(seed: int) -> None:
 class Trainer:
     """The state of one run and its loop. :func:`finetune` is the entry; ``train_step`` serves benchmarks."""
 
-    def __init__(self, student, teacher, train_set, distill, train, out_dir, logger=None, progress=True, val_set=None) -> None:
+    def __init__(self, student, teacher, train_set, distill, train, out_dir, logger=None, progress=True, val_set=None,
+                 sample_weights=None) -> None:
         self.device = D.default_device()
         _check_inputs(distill, train, teacher, train_set, self.device)
         self.distill, self.cfg, self.out_dir = distill, train, out_dir
         self.logger, self.progress, self.val_set = logger, progress, val_set
         self.path = os.path.join(out_dir, LAST)
         _seed_everything(train.seed + D.rank())
-        self._setup_data(train_set, student)
-        self.teacher = self._setup_teacher(teacher)
+        self._setup_data(train_set, student, sample_weights)
         self.points = points_for(distill, student, teacher)
+        self.teacher = self._setup_teacher(teacher)
         self.module = self._setup_module(student)
         self._setup_optimisation()
         self.epoch = self.batch = self.step = 0
         self.history: list[dict[str, Any]] = []
         self.resumed_from = self._resume()
         self.net = self._wrap_ddp()
+        self.last_save = _clock()  # when the last checkpoint was written (checkpoint_minutes); reset by run()
 
     # ------------------------------------------------------------------------------------------ setup
 
-    def _setup_data(self, train_set: Dataset, student: nn.Module) -> None:
+    def _setup_data(self, train_set: Dataset, student: nn.Module, weights: torch.Tensor | None) -> None:
         self.dataset = EpochSeededDataset(with_transform(train_set, train_transform(student, self.cfg.img_size)), self.cfg.seed)
-        self.sampler = ResumableSampler(self.dataset, D.world_size(), D.rank(), self.cfg.seed, self.cfg.batch_size)
+        self.sampler = ResumableSampler(self.dataset, D.world_size(), D.rank(), self.cfg.seed, self.cfg.batch_size, weights)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
             raise ValueError(f"the training set ({len(train_set)} images over {D.world_size()} processes) is smaller "
@@ -204,7 +228,8 @@ class Trainer:
     def _setup_teacher(self, teacher: nn.Module | None) -> nn.Module | None:
         if not self.distill.needs_teacher:
             return None
-        return prepare_teacher(teacher, self.device, self.cfg.teacher_fold_bn, self.cfg.teacher_channels_last)
+        return prepare_teacher(teacher, self.device, self.cfg.teacher_fold_bn, self.cfg.teacher_channels_last,
+                               tuple(self.points))
 
     def _setup_module(self, student: nn.Module) -> DistillStudent:
         student.to(self.device)
@@ -243,7 +268,10 @@ class Trainer:
     # ------------------------------------------------------------------------------------ checkpoints
 
     def _config(self) -> dict[str, Any]:
-        return {"train": asdict(self.cfg), "distill": asdict(self.distill), "run": {"world_size": D.world_size()}}
+        weights = self.sampler.weights
+        sampling = None if weights is None else hashlib.sha1(weights.numpy().tobytes()).hexdigest()[:16]
+        return {"train": asdict(self.cfg), "distill": asdict(self.distill),
+                "run": {"world_size": D.world_size(), "images": len(self.dataset), "sampling": sampling}}
 
     def _state(self) -> dict[str, Any]:
         return {
@@ -260,6 +288,18 @@ class Trainer:
         state = self._state()  # collective (random states of every rank): all ranks build it
         if D.is_main():
             save_checkpoint(self.path, state)
+        self.last_save = _clock()
+
+    def _checkpoint_due(self, logged: bool) -> bool:
+        """Whether to checkpoint mid-epoch after this update (the same answer on every rank)."""
+        every = self.cfg.checkpoint_every_steps
+        if every and self.step % every == 0:
+            return True
+        if self.cfg.checkpoint_minutes is None or not logged:
+            return False
+        # the longest wall time over ranks since the last checkpoint: one 1-element all-reduce per log
+        elapsed = torch.tensor([_clock() - self.last_save], dtype=torch.float64, device=D.collective_device())
+        return D.all_reduce_max(elapsed).item() >= 60 * self.cfg.checkpoint_minutes
 
     def _resume(self) -> int | None:
         ckpt = load_checkpoint(self.path)
@@ -278,6 +318,9 @@ class Trainer:
         self.epoch, self.batch, self.step, self.history = ckpt["epoch"], ckpt["batch"], ckpt["step"], ckpt["history"]
         self.scheduler.step_update(self.step)
         set_rng_state(ckpt["rng"][D.rank()])
+        if D.is_main():
+            log.info("resuming %s at update %d of %d (epoch %d, batch %d of %d)", self.path, self.step,
+                     self.total_steps, self.epoch, self.batch, self.steps_per_epoch)
         return self.step
 
     def _init_projections(self) -> None:
@@ -318,6 +361,7 @@ class Trainer:
         """Train until ``total_steps`` updates are done (none when a finished run was resumed)."""
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"finetune ({self.distill.method})", unit="step",
                    disable=not self.progress or not D.is_main())
+        self.last_save = _clock()  # checkpoint_minutes counts from here, then from each checkpoint
         try:
             while self.step < self.total_steps:
                 self._epoch(bar)
@@ -333,11 +377,14 @@ class Trainer:
             meter.add(self.train_step(images, labels))
             self.batch += 1
             bar.update(1)
-            if self.step % self.cfg.log_every == 0:
+            logged = self.step % self.cfg.log_every == 0
+            if logged:
                 self._log(meter.flush(self.device), bar)
+            if self.cfg.val_every_steps and (self.step % self.cfg.val_every_steps == 0 or self.step >= self.total_steps):
+                self._validate()  # a learning curve: eval mode, no random draws, so the trajectory is unchanged
             if self.step >= self.total_steps:
                 break
-            if self.cfg.checkpoint_every_steps and self.step % self.cfg.checkpoint_every_steps == 0 and self.batch < self.steps_per_epoch:
+            if self.batch < self.steps_per_epoch and self._checkpoint_due(logged):  # epoch ends save below
                 self._save()
         self._sync_buffers()
         if self.batch >= self.steps_per_epoch:
@@ -437,7 +484,7 @@ class Trainer:
             self.logger.log(metrics, self.step)
 
     def _validate(self) -> None:
-        if self.val_set is None:
+        if self.val_set is None or any(h["step"] == self.step and "val/top1" in h for h in self.history):
             return
         m = evaluate(self.module.student, self.val_set, self.cfg.batch_size, self.cfg.workers, self.cfg.amp, self.device, self.progress)
         self._record({"val/top1": m["top1"], "val/top5": m["top5"], "epoch": self.epoch})

@@ -238,7 +238,7 @@ def _environment(args) -> dict:
             "threads": torch.get_num_threads(),
             "cpu": platform.processor() or platform.machine(), "command": "python " + " ".join(sys.argv), "args": vars(args),
             "val_transform": "timm eval transform of the model at --img-size (resize shorter side to img/0.875, "
-                             "bicubic, center crop, ImageNet mean/std) on imagenet-val-1300's 227x227 squashed images"}
+                             "bicubic, center crop, the model's mean/std) on imagenet-val-1300's 227x227 squashed images"}
 
 
 def main() -> None:

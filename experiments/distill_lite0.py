@@ -95,7 +95,7 @@ def _report(args, result, before, after, seconds, info) -> str:
         f"{seconds / 60:.1f} min wall for the whole script on 2 CPU cores.", "",
         f"Held-out loss (eval mode, {args.img_size} px, the {before['loss_images']} held-out Imagenette images):", "",
         *_loss_table(before, after), "",
-        "1000-way top-1 / top-5 at 224 px (timm eval transform: resize 256 bicubic, center crop 224, ImageNet mean/std):", "",
+        "1000-way top-1 / top-5 at 224 px (timm eval transform: resize 256 bicubic, center crop 224, the model's mean/std):", "",
         *_accuracy_table(before["sets"], before, after), "",
         "The held-out Imagenette images belong to the 10 training classes: fine-tuning on them makes any student "
         "favour those classes, so it can beat the teacher there. imagenet-val-1300 (725 classes) measures what the "

@@ -5,7 +5,8 @@ Two layouts are read:
 * a folder of class folders named by WordNet synset (ImageNet's ``train/`` or ``val/``, Imagenette): labels
   are ImageNet-1k indices (the sorted-synset order timm and torchvision use), whatever subset of classes the
   folder holds;
-* a folder with ``labels.csv`` (columns ``file`` and ``label_index``), like ``imagenet-val-1300``.
+* a folder with ``labels.csv`` (columns ``file`` and ``label_index``), like ``imagenet-val-1300``; label -1
+  marks an image without an ImageNet-1k class (``caltech101-30``), used through the teacher only.
 """
 from __future__ import annotations
 
@@ -52,7 +53,19 @@ def _csv_samples(root: str) -> list[tuple[str, int]]:
         rows = list(csv.DictReader(f))
     if rows and not {"file", "label_index"} <= set(rows[0]):
         raise ValueError(f"{root}/labels.csv needs the columns 'file' and 'label_index', has {list(rows[0])}")
-    return [(os.path.join(root, r["file"]), int(r["label_index"])) for r in rows]
+    return [(os.path.join(root, r["file"]), _label(r["label_index"], root, n)) for n, r in enumerate(rows, 2)]
+
+
+def _label(value: str, root: str, line: int) -> int:
+    """An ImageNet-1k index 0..999, or -1 for an image without one (learned from through the teacher only)."""
+    try:
+        label = int(value)
+    except ValueError:
+        label = None
+    if label is None or not -1 <= label <= 999:
+        raise ValueError(f"{root}/labels.csv line {line}: label_index {value!r} is not an ImageNet-1k index 0..999 "
+                         "or -1 (no ImageNet class); fix the file")
+    return label
 
 
 def _synset_folder_samples(root: str) -> list[tuple[str, int]]:

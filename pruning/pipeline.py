@@ -9,12 +9,14 @@ All checks that can fail on user input run in :meth:`Run.preflight`, before any 
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from dataclasses import asdict
 from typing import Any
 
 import torch
+from distill.loss import default_ce_weight
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
@@ -29,11 +31,14 @@ from .graph import build_channel_graph
 from .importance import Importance, load_scores, save_scores
 from .models import check_model_name, check_weights, load_parent
 from .paper import PAPER_CONFIGS, paper_widths
-from .plots import plot_kept_fractions
+from .plots import plot_kept_fractions, plot_learning_curve
+from .pools import TrainingPool, check_balance, sampling_weights, training_pool
 from .prune import prune_model
 from .recalibrate import recalibrate_bn
 from .search import kept_fraction_by_stage, knapsack_problem, removable_groups, solve_to_measured
 from .solve import SOLVERS, Constraint, Solution, solve
+
+log = logging.getLogger("pruning")
 
 STAGES = ("importance", "solve", "prune", "finetune", "validate")
 
@@ -154,22 +159,72 @@ class Run:
         return table
 
     def _check_data(self) -> None:
-        if self.cfg.data.root is None:
+        d = self.cfg.data
+        if d.root is None and not d.train_roots:
             raise PipelineError(
-                "no data: data.root is not set. Give data.root=/path/to/imagenet (class folders named by synset "
-                "under train/ and val/, or a folder with labels.csv), or set the IMAGENET_ROOT environment variable"
+                "no data: data.root and data.train_roots are not set. Give data.root=/path/to/imagenet (class "
+                "folders named by synset under train/ and val/, or a folder with labels.csv), set the IMAGENET_ROOT "
+                "environment variable, or give data.train_roots=[folder,...] and data.val_root=folder"
             )
-        self.train_set, self.val_set = self._datasets()
+        check_balance(d.balance)  # before the pool is scanned
+        self.pool, self.val_set = self._datasets()
+        self.train_set = self.pool.dataset
+        self._resolve_ce_weight()
+        summary = self._data_summary()
+        self._report("data", summary)
+        if is_main():
+            log.info("training pool: %d images from %d folders (%d labelled, %d classes), %d copies of validation "
+                     "images excluded; validation: %d images, %d classes", summary["pool"]["images"],
+                     len(self.pool.roots), summary["pool"]["labelled"], summary["pool"]["classes"],
+                     summary["pool"]["excluded_val_copies"], summary["val"]["images"], summary["val"]["classes"])
+
+    def _resolve_ce_weight(self) -> None:
+        """``distill.ce_weight: null`` becomes 1 on an ImageNet-like pool, else 0 (teacher only)."""
+        labels = self.pool.labels()
+        if self.distill_cfg.ce_weight is None and self.distill_cfg.method != "ce":
+            self.distill_cfg.ce_weight = default_ce_weight(labels)
+        uses_labels = self.distill_cfg.method == "ce" or self.distill_cfg.ce_weight
+        if uses_labels and self._needs("finetune") and not any(label >= 0 for label in labels):
+            raise PipelineError(
+                f"distill.method={self.distill_cfg.method} with ce_weight={self.distill_cfg.ce_weight} needs "
+                "labelled training images, but every image of the pool is labelled -1; use distill=inner or "
+                "distill=kd with distill.ce_weight=0, or add labelled folders to data.train_roots")
 
     # -------------------------------------------------------------------------------------------- data
-    def _datasets(self) -> tuple[ImageListDataset, ImageListDataset]:
+    def _datasets(self) -> tuple[TrainingPool, ImageListDataset]:
+        """The training pool (less every copy of a validation image) and the validation set."""
         d = self.cfg.data
-        split = os.path.join(d.root, d.train_split)
-        train = image_dataset(split if os.path.isdir(split) else d.root)
-        val_dir = d.val_root or os.path.join(d.root, d.val_split)
-        if os.path.isdir(val_dir) and val_dir != split:
-            return train, image_dataset(val_dir)
-        return _hold_out(train, d.holdout_fraction, self.cfg.seed)
+        roots = list(d.train_roots) if d.train_roots else [self._train_dir()]
+        val = self._val_dir()
+        val_set = image_dataset(val) if val is not None else None
+        cache = self.cfg.paths.cache_dir
+        if is_main():  # rank 0 computes the thumbnails of the val-copy check; the others read its cache
+            pool = training_pool(roots, val_set, cache)
+        barrier()
+        if not is_main():
+            pool = training_pool(roots, val_set, cache, progress=False)
+        if val_set is None:
+            pool, val_set = _hold_out(pool, d.holdout_fraction, self.cfg.seed)
+        return pool, val_set
+
+    def _train_dir(self) -> str:
+        split = os.path.join(self.cfg.data.root, self.cfg.data.train_split)
+        return split if os.path.isdir(split) else self.cfg.data.root
+
+    def _val_dir(self) -> str | None:
+        """``data.val_root``, else ``data.root``'s val split; None: hold out part of the pool."""
+        d = self.cfg.data
+        if d.val_root:
+            return d.val_root
+        split = os.path.join(d.root, d.val_split) if d.root else None
+        return split if split and os.path.isdir(split) and split != self._train_dir() else None
+
+    def _data_summary(self) -> dict:
+        val_labels = {label for _, label in self.val_set.samples}
+        return {"pool": self.pool.summary(), "balance": self.cfg.data.balance,
+                "val": {"root": self._val_dir() or "held out of the pool", "images": len(self.val_set),
+                        "classes": len(val_labels)},
+                "ce_weight": self.distill_cfg.ce_weight if self.distill_cfg.method != "ce" else 1.0}
 
     # ---------------------------------------------------------------------------------------- the stages
     def run(self) -> dict:
@@ -308,35 +363,57 @@ class Run:
         teacher = None if self.distill_cfg.method == "ce" else self.parent
         out = os.path.join(self.run_dir, "finetune")
         train_set = ImageListDataset(self.train_set.samples)  # no transform: the trainer uses timm's training one
+        weights = sampling_weights(self.pool, self.cfg.data.balance)
+        val_set = self._eval_set(self.val_set) if self.train_cfg.val_every_steps else None
         result = finetune(student, teacher, train_set, self.distill_cfg, self.train_cfg, out, logger=self.logger,
-                          progress=is_main())
+                          progress=is_main(), val_set=val_set, sample_weights=weights)
         self.student = result.student.eval()
         if is_main():
             artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
                                   self._load_solution().keep, "finetuned")  # same formats as the prune stage
+        curve = [[h["step"], h["val/top1"]] for h in result.history if "val/top1" in h]
         self._report("finetune", {"steps": result.steps, "method": self.distill_cfg.method,
+                                  "resumed_from": result.resumed_from, "val_curve": curve,
                                   "last": result.history[-1] if result.history else None})
 
     def stage_validate(self) -> None:
         """Top-1/top-5 and images/s of the student and (cached) teacher on the validation images."""
         from distill import validate_pair
+        from distill.evaluate import validation_warnings
 
         student = self.student or self._load_student()
-        self.val_set.transform = eval_transform(self.parent, self.cfg.model.img_size)
         key = artifacts.config_key(self.cfg.model.name, self.cfg.model.checkpoint, self.cfg.model.pretrained,
                                    self.cfg.model.img_size, [s for s, _ in self.val_set.samples][:3], len(self.val_set))
         teacher_cache = os.path.join(self.cfg.paths.cache_dir, "teacher")  # shared by every run of a sweep
-        metrics = validate_pair(student, self.parent, self.val_set, teacher_cache, key,
+        metrics = validate_pair(student, self.parent, self._eval_set(self.val_set), teacher_cache, key,
                                 batch_size=self.cfg.data.val_batch_size, workers=self.cfg.data.workers)
-        self._report("validate", metrics)
+        val = self._data_summary()["val"]
+        warnings = validation_warnings(val["classes"], metrics["student"]["top1"], metrics["teacher"]["top1"])
+        for w in warnings:
+            log.warning(w)
+        self._report("validate", metrics | {"dataset": val, "warnings": warnings})
         self.logger.summary({f"val/{k}": v for k, v in _flatten(metrics).items()})
+        self._plot_learning_curve(metrics["teacher"]["top1"])
+
+    def _plot_learning_curve(self, teacher_top1: float) -> None:
+        """``learning_curve.png`` from the fine-tuning's validations (``trainer.val_every_steps``), if any."""
+        path = os.path.join(self.run_dir, artifacts.REPORT)
+        if not is_main() or not os.path.isfile(path):
+            return
+        curve = (artifacts.read_json(path).get("finetune") or {}).get("val_curve")
+        if curve:
+            title = f"{self.cfg.model.name}@{self.cfg.model.img_size} on {os.path.basename(str(self._val_dir()))}"
+            png = os.path.join(self.run_dir, "learning_curve.png")
+            self.logger.log_files([plot_learning_curve(curve, teacher_top1, png, title)])
 
     # ---------------------------------------------------------------------------------------- helpers
     def _scores_key(self) -> str:
         m, imp = self.cfg.model, self.cfg.importance
-        data = self.cfg.data.root if self.criterion.needs_data else None
+        d = self.cfg.data  # the folders decide the pool (copies of the validation images are taken out)
+        roots = list(d.train_roots) if d.train_roots else None
+        data = [d.root, d.train_split, roots, d.val_root, d.holdout_fraction] if self.criterion.needs_data else None
         return artifacts.config_key(m.name, m.img_size, m.pretrained, m.checkpoint, m.protected,
-                                    OmegaConf.to_container(imp, resolve=True), data, self.cfg.data.holdout_fraction)
+                                    OmegaConf.to_container(imp, resolve=True), data)
 
     def _scores_path(self) -> str:
         return os.path.join(self.cfg.paths.cache_dir, "scores", f"{self.cfg.model.name}-{self._scores_key()}.pt")
@@ -362,16 +439,18 @@ class Run:
 
     def _importance_batches(self):
         imp = self.cfg.importance
-        self.train_set.transform = eval_transform(self.parent, self.cfg.model.img_size)  # no augmentation
         # a seeded random order: the first num_images are a sample of all classes, not the first classes
-        return eval_loader(self.train_set, imp.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
+        return eval_loader(self._eval_set(self.train_set), imp.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
 
     def _recalibrate(self) -> None:
         r = self.cfg.bn_recalibration
-        self.train_set.transform = eval_transform(self.parent, self.cfg.model.img_size)
-        batches = eval_loader(self.train_set, r.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
+        batches = eval_loader(self._eval_set(self.train_set), r.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
         used = recalibrate_bn(self.student, batches, r.num_images, progress=is_main())
         self._report("bn_recalibration", {"images": used})
+
+    def _eval_set(self, dataset: ImageListDataset) -> ImageListDataset:
+        """``dataset``'s images under the parent's evaluation transform (no augmentation) at the run's size."""
+        return ImageListDataset(dataset.samples, eval_transform(self.parent, self.cfg.model.img_size))
 
     def _model_summary(self, widths: dict[str, int]) -> dict:
         full = self.graph.full_widths()
@@ -409,15 +488,21 @@ class Run:
             artifacts.update_report(self.run_dir, section, values)
 
 
-def _hold_out(data: ImageListDataset, fraction: float, seed: int) -> tuple[ImageListDataset, ImageListDataset]:
-    """Split off a deterministic ``fraction`` of the images for validation only."""
+def _hold_out(pool: TrainingPool, fraction: float, seed: int) -> tuple[TrainingPool, ImageListDataset]:
+    """Split off a deterministic ``fraction`` of the labelled images for validation only."""
     if not 0 < fraction < 1:
-        raise PipelineError(f"data.holdout_fraction={fraction} must be in (0, 1) when data.root has no val split")
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed)).tolist()
-    n_val = max(1, int(len(data) * fraction))
-    val = sorted(order[:n_val])
-    train = sorted(order[n_val:])
-    return ImageListDataset([data.samples[i] for i in train]), ImageListDataset([data.samples[i] for i in val])
+        raise PipelineError(f"data.holdout_fraction={fraction} must be in (0, 1) when there is no validation folder")
+    labelled = [i for i, label in enumerate(pool.labels()) if label >= 0]
+    if not labelled:
+        raise PipelineError("no validation folder and no labelled image to hold out of the pool (all are labelled -1); "
+                            "give data.val_root=/path/to/labelled/images")
+    order = [labelled[i] for i in torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed)).tolist()]
+    val = set(order[:max(1, int(len(labelled) * fraction))])
+    train = [i for i in range(len(pool.sources)) if i not in val]
+    samples = pool.dataset.samples
+    kept = TrainingPool(ImageListDataset([samples[i] for i in train]), [pool.sources[i] for i in train], pool.roots,
+                        pool.excluded)
+    return kept, ImageListDataset([samples[i] for i in sorted(val)])
 
 
 def _flatten(d: dict, prefix: str = "") -> dict:

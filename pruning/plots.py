@@ -40,7 +40,12 @@ def plot_against_macs(rows: Sequence[Mapping], y: str, ylabel: str, path: str, t
     for label in sorted({r["method"] for r in points}):
         mine = sorted((r["macs_after"] / 1e6, r[y]) for r in points if r["method"] == label)
         ax.plot([m for m, _ in mine], [v for _, v in mine], marker="o", label=label)
-    ax.set_xlabel("MACs (millions)")
+    return _finish(fig, ax, "MACs (millions)", ylabel, title, path)
+
+
+def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
+    """Labels, grid and legend of a line plot, saved to ``path``."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -49,3 +54,12 @@ def plot_against_macs(rows: Sequence[Mapping], y: str, ylabel: str, path: str, t
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def plot_learning_curve(curve: Sequence[Sequence[float]], teacher_top1: float | None, path: str, title: str) -> str:
+    """Student top-1 against fine-tuning updates, with the teacher's top-1 as a line."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([s for s, _ in curve], [t for _, t in curve], marker="o", label="student")
+    if teacher_top1 is not None:
+        ax.axhline(teacher_top1, color="gray", linestyle="--", label="teacher (unpruned parent)")
+    return _finish(fig, ax, "fine-tuning updates", "top-1 (%)", title, path)

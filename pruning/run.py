@@ -52,7 +52,12 @@ def _print_summary(report: dict, run_dir: str) -> None:
                  lat["batch"], lat["backend"], lat["threads"], lat["measured_parent"], lat["measured_pruned"],
                  lat["measured_ratio"], lat["predicted_parent"], lat["predicted_pruned"])
     if val:
-        log.info("validation: %s", val)
+        data = val.get("dataset", {})
+        log.info("top-1 on %s (%s images, %s classes): student %.2f, teacher %.2f (%.3fx)", data.get("root"),
+                 data.get("images"), data.get("classes"), val["student"]["top1"], val["teacher"]["top1"],
+                 val["student"]["top1"] / max(val["teacher"]["top1"], 1e-9))
+        for warning in val.get("warnings", []):
+            log.warning(warning)
     log.info("run directory: %s", run_dir)
 
 

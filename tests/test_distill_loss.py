@@ -29,6 +29,46 @@ def test_points_follow_the_structure(name, model_cache):
 
 
 @pytest.mark.parametrize("name", list(EXPECTED))
+def test_authors_points_are_every_child_and_stage(name, model_cache):
+    """The authors' list: every top-level child in order, stage containers as their stages; every point runs
+    and none is overwritten in place (ResNet's bn1 is, by act1: act1 stands for it)."""
+    model = model_cache(name)
+    points = matched_points(model, "authors")
+    container = EXPECTED[name][1].rpartition(".")[0]  # "blocks" (EfficientNet, MobileNetV3); ResNet has none
+    flat = [n for c, child in model.named_children()
+            for n in ([f"{c}.{i}" for i in range(len(child))] if c == container else [c])]
+    assert points == [n for n in flat if n in points]  # in execution order
+    assert all(n in points for n in flat if n.startswith(f"{container}.") or n.startswith("layer"))  # every stage
+    assert len(points) >= len(flat) - 2  # at most the outputs overwritten in place are left out
+    from distill.loss import forward_no_grad
+
+    x = torch.randn(2, 3, 64, 64)
+    _, feats = forward_no_grad(model.eval(), x, points)  # pop() checks in-place changes
+    assert len(feats) == len(points)
+    # the fast teacher keeps every matched conv unfolded: same features at every point, conv_stem included
+    fast = prepare_teacher(_randomised_bn(model), torch.device("cpu"), points=tuple(points))
+    _, ref = forward_no_grad(_randomised_bn(model).eval(), x, points)
+    _, got = forward_no_grad(fast, x.contiguous(memory_format=torch.channels_last), points)
+    for name, a, b in zip(points, ref, got):
+        assert (a - b).abs().max() <= 1e-4 * (1 + a.abs().max()), name  # float rounding of the fold only
+
+
+def _randomised_bn(model: nn.Module) -> nn.Module:
+    """A copy whose batch norms are not the identity (random-init statistics would hide a wrong fold)."""
+    import copy
+
+    model = copy.deepcopy(model)
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=gen) + 0.5)
+            m.bias.data.copy_(torch.randn(m.num_features, generator=gen) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize("name", list(EXPECTED))
 def test_projections_only_where_the_student_is_narrower(name):
     teacher, student = tiny_pair(name)
     points = matched_points(student)
@@ -81,6 +121,31 @@ def test_kd_loss_is_temperature_scaled_kl():
     assert same["kd"].abs() < 1e-6
 
 
+def test_ce_weight_and_unlabelled_images():
+    """Labels -1 drop out of CE; ce_weight scales it; 0 leaves the teacher only, with CE still logged."""
+    torch.manual_seed(0)
+    logits, t_logits = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
+    labels = torch.tensor([1, -1, 3, -1])
+    cfg = DistillConfig(method="kd", label_smoothing=0.0, ce_weight=0.5)
+    total, terms = distill_loss(cfg, logits, labels, teacher_logits=t_logits)
+    assert torch.allclose(terms["ce"], F.cross_entropy(logits[[0, 2]], labels[[0, 2]]))
+    assert torch.allclose(total, 0.5 * terms["ce"] + terms["kd"])
+    zero, terms0 = distill_loss(DistillConfig(method="kd", ce_weight=0.0), logits, labels, teacher_logits=t_logits)
+    assert torch.allclose(zero, terms0["kd"]) and terms0["ce"] > 0
+    unlabelled = torch.full((4,), -1)
+    _, none = distill_loss(DistillConfig(method="kd", ce_weight=1.0), logits, unlabelled, teacher_logits=t_logits)
+    assert none["ce"].item() == 0.0 and none["ce"].requires_grad  # no NaN from an all-unlabelled batch
+
+
+def test_default_ce_weight_is_one_only_for_an_imagenet_scale_pool():
+    from distill.loss import default_ce_weight
+
+    assert default_ce_weight(list(range(1000)) * 100) == 1.0
+    assert default_ce_weight(list(range(1000)) * 99 + [-1] * 10_000) == 0.0  # every class, too few images each
+    assert default_ce_weight(list(range(999)) * 200) == 0.0  # a class missing
+    assert default_ce_weight([-1] * 50) == 0.0
+
+
 def test_ce_needs_no_teacher():
     s, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
     total, terms = distill_loss(DistillConfig(method="ce", label_smoothing=0.0), s, y)
@@ -89,8 +154,9 @@ def test_ce_needs_no_teacher():
 
 @pytest.mark.parametrize("field,value,needle", [
     ("method", "dark", "'dark'.*inner.*kd.*ce"),
-    ("points", "some", "'some'.*all.*last"),
+    ("points", "some", "'some'.*all.*authors.*last"),
     ("proj_init", "zeros", "'zeros'.*lstsq"),
+    ("ce_weight", -1.0, "ce_weight=-1.0 must be >= 0"),
 ])
 def test_bad_distill_config(field, value, needle):
     with pytest.raises(ValueError, match=needle):

@@ -96,7 +96,7 @@ def _preflight(tmp_path, *overrides):
     (["solver.name=simplex"], "unknown solver 'simplex'"),
     (["distill.method=mse"], "unknown distillation method 'mse'"),
     (["trainer.batch_size=0"], "batch_size=0"),
-    (["importance=taylor_weight", "data.root=null"], "data.root is not set"),
+    (["importance=taylor_weight", "data.root=null"], "data.root and data.train_roots are not set"),
     (["stages=[importance,solve,prune,finetune]", "data.root=/nonexistent/data"], "'/nonexistent/data' does not exist"),
     (["budget.latency=fast"], "malformed latency budget 'fast'"),
     (["budget.latency=8"], "write 8ms for milliseconds"),

@@ -216,7 +216,17 @@ def test_greedy_reports_true_costs(seed, kind):
     assert math.isnan(sol.bound) and math.isnan(sol.gap) and sol.solver == "greedy"
 
 
-@pytest.mark.parametrize("solver", ["uniform", "threshold"])
+def test_normalised_threshold_ranks_each_group_by_relative_score():
+    """Group b's scores are 1000x a's: a plain threshold cuts a to its minimum, the normalised one treats them alike."""
+    full = {"a": 4, "b": 4}
+    scores = {"a": np.array([1.0, 2.0, 3.0, 4.0]), "b": np.array([1.0, 2.0, 3.0, 4.0]) * 1000}
+    cost = Cost("macs", "MACs", [Linear(("a",), 1), Linear(("b",), 1)], full, integral=True)
+    p = KnapsackProblem(scores, [Constraint(cost, 4)], full)
+    assert solve(p, "threshold").widths == {"a": 1, "b": 3}  # a keeps its one channel every group keeps
+    assert solve(p, "threshold_norm").widths == {"a": 2, "b": 2}
+
+
+@pytest.mark.parametrize("solver", ["uniform", "threshold", "threshold_norm"])
 @pytest.mark.parametrize("seed", range(6))
 def test_baselines_meet_every_limit(solver, seed):
     p = random_problem(400 + seed, kind="both", removable=seed % 2 == 1)

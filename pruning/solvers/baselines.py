@@ -33,7 +33,18 @@ def solve_uniform(inst: Instance, time_limit: float, gap_tol: float) -> tuple[di
 def solve_threshold(inst: Instance, time_limit: float, gap_tol: float) -> tuple[dict[str, int], float]:
     """Global ranking (what most libraries do): drop every channel scoring below one global threshold, the
     lowest threshold whose widths meet every limit; costs play no part in the ranking."""
-    scores = [np.sort(s) for s in inst.scores]
+    return _threshold(inst, [np.sort(s) for s in inst.scores])
+
+
+@register_solver("threshold_norm")
+def solve_threshold_normalised(inst: Instance, time_limit: float, gap_tol: float) -> tuple[dict[str, int], float]:
+    """Global ranking after dividing every group's scores by their mean (Torch-Pruning's default ``mean``
+    normaliser), so layers whose scores run on different scales compete on relative importance."""
+    return _threshold(inst, [np.sort(s / max(float(np.mean(s)), 1e-30)) for s in inst.scores])
+
+
+def _threshold(inst: Instance, scores: list[np.ndarray]) -> tuple[dict[str, int], float]:
+    """The lowest single threshold on ``scores`` (sorted, per group) whose widths meet every limit."""
     first = inst.first_nonzero()
 
     def at(threshold: float) -> np.ndarray:
