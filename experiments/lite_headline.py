@@ -25,6 +25,9 @@ import statistics
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from separate_runs import measured_in_processes, serve_latency_request  # noqa: E402
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "experiments", "results", "lite_headline")
 # budget -> (the parent at its resolution, the dense smaller model at its resolution)
@@ -92,15 +95,7 @@ def measure_latency_once(pair: str, rounds: int) -> dict[str, float]:
 
 def latency_runs(pair: str, runs: int, rounds: int) -> list[dict[str, float]]:
     """:func:`measure_latency_once` in ``runs`` separate processes."""
-    results = []
-    for i in range(runs):
-        path = os.path.join(OUT, f".latency-{pair}-{i}.json")
-        subprocess.run([sys.executable, os.path.abspath(__file__), "--latency-only", pair, path, "--rounds",
-                        str(rounds)], cwd=ROOT, check=True)
-        with open(path) as f:
-            results.append(json.load(f))
-        os.unlink(path)
-    return results
+    return measured_in_processes(__file__, pair, runs, rounds, OUT)
 
 
 def accuracy(model, size: int, val_root: str) -> dict:
@@ -185,10 +180,7 @@ def _copy_plot(pair: str) -> None:
 
 def main() -> None:
     args = _args()
-    if args.latency_only:
-        pair, path = args.latency_only
-        with open(path, "w") as f:
-            json.dump(measure_latency_once(pair, args.rounds), f)
+    if serve_latency_request(args.latency_only, args.rounds, measure_latency_once):
         return
     os.makedirs(OUT, exist_ok=True)
     rows = []

@@ -45,6 +45,19 @@ def test_experiments_compose(experiment):
         assert cfg.model.name == f"efficientnet_b{experiment[-1]}" and cfg.distill.method == "inner"
 
 
+@pytest.mark.parametrize("experiment", ["quickstart", "lite_pools"])
+@pytest.mark.parametrize("importance", ["taylor_weight", "taylor_activation", "l1", "bn_scale", "random"])
+def test_every_criterion_composes_with_the_experiments(experiment, importance):
+    """An experiment sets importance.num_images for whichever criterion is chosen; data-free ones ignore it."""
+    from hydra.utils import instantiate
+
+    cfg = _compose(f"+experiment={experiment}", f"importance={importance}")
+    criterion = instantiate(cfg.importance.criterion)
+    assert criterion.name == importance
+    if criterion.needs_data:
+        assert criterion.num_images == 256
+
+
 def _search_cfg(tmp_path, *overrides):
     return _compose("model.name=efficientnet_b0", "model.img_size=96", "model.pretrained=false", "importance=l1",
                     "stages=[importance,solve,prune]", f"paths.cache_dir={tmp_path}/cache", "logger=none", *overrides)
