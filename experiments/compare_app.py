@@ -6,7 +6,8 @@ label-free inner distillation, validation on imagenet-val-1300) with only the cr
 changed, so nothing is re-implemented here:
 
 * allocation ``uniform`` (one keep ratio), ``threshold`` (one global score threshold), ``threshold_norm`` (the
-  same after dividing each layer's scores by their mean, Torch-Pruning's default) or ``exact`` (the knapsack);
+  same after dividing each layer's scores by their mean, Torch-Pruning's default), ``exact`` (the knapsack) or
+  ``greedy`` (the paper's greedy knapsack and cost model);
 * criterion ``l1`` (weight magnitude) or ``taylor_weight`` (the authors').
 
 Latency is then measured for every pruned model and the parent in ``--latency-runs`` separate processes of
@@ -31,7 +32,7 @@ from separate_runs import measured_in_processes, serve_latency_request  # noqa: 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "experiments", "results", "compare_app")
 CRITERIA = {"l1": "l1", "taylor": "taylor_weight"}
-ALLOCATIONS = ("uniform", "threshold", "threshold_norm", "exact")
+ALLOCATIONS = ("uniform", "threshold", "threshold_norm", "exact", "greedy")
 
 
 def _args() -> argparse.Namespace:
@@ -104,9 +105,12 @@ def latency_ratios(budget: str, runs: int, rounds: int) -> dict[str, list[float]
 
 def write_readme(rows: list[dict], args: argparse.Namespace, parent_top1: float) -> str:
     lines = ["# Allocation against criterion, through the app", "",
+             "The table merges every call of the script at this budget (each call adds or redoes its methods and "
+             "re-measures the latency of all of them); the last call was:", "",
              "```", f"python experiments/compare_app.py --budget {args.budget} --steps {args.steps} "
+             f"--criteria {' '.join(args.criteria)} --allocations {' '.join(args.allocations)} "
              f"--latency-runs {args.latency_runs} --rounds {args.rounds}",
-             "# each method (criterion l1 or taylor_weight; solver uniform, threshold, threshold_norm or exact):",
+             "# each method (criterion l1 or taylor_weight; solver uniform, threshold, threshold_norm, exact, greedy):",
              f"python -m pruning.run +experiment=quickstart budget.target={args.budget} importance=<criterion> "
              f"solver=<allocation> trainer.max_steps={args.steps} logger=none hydra.run.dir=<run dir>", "```", "",
              f"tf_efficientnet_lite0 (real weights) at 128 px, {args.budget} of its MACs; every method BN-recalibrated "
@@ -133,7 +137,9 @@ def main() -> None:
         rows = json.load(open(path))
         print(open(write_readme(rows, args, rows[0]["parent_top1"])).read())
         return
-    rows = []
+    done = json.load(open(path)) if os.path.isfile(path) else []  # methods of earlier calls at this budget stay
+    rows = [r for r in done if (r["criterion"], r["allocation"]) not in
+            {(c, a) for c in args.criteria for a in args.allocations}]
     for criterion in args.criteria:
         for allocation in args.allocations:
             report = run_method(args.budget, criterion, allocation, args.steps)
