@@ -6,7 +6,7 @@ no-op, so the same code runs on a laptop and on N GPUs.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -86,6 +86,18 @@ def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
         dist.barrier()
+
+
+T = TypeVar("T")
+
+
+def main_first(build: Callable[[bool], T]) -> T:
+    """``build(progress)`` on rank 0 first, then on the other ranks: rank 0 computes and caches a result (a
+    latency table, thumbnails), the others read its cache instead of repeating the work. Only rank 0 shows
+    progress."""
+    result = build(True) if is_main() else None
+    barrier()
+    return result if is_main() else build(False)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

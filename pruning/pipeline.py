@@ -26,7 +26,7 @@ from .budget import (Budget, check_feasible, is_time, latency_constraint, params
                      resolve_budget)
 from .cost import CostModel
 from .data import ImageListDataset, eval_loader, eval_transform, image_dataset
-from .distributed import barrier, default_device, is_main
+from .distributed import barrier, default_device, is_main, main_first
 from .graph import build_channel_graph
 from .importance import Importance, load_scores, save_scores
 from .models import check_model_name, check_weights, load_parent
@@ -150,11 +150,8 @@ class Run:
         settings = dict(batch=b.latency_batch, threads=lat.threads, device=lat.device, backend=lat.backend)
         cache = os.path.join(self.cfg.paths.cache_dir, "latency")
         parent = self.parent.to("cpu") if lat.device == "cpu" else self.parent
-        if is_main():  # one rank measures; the others read its table
-            table = load_or_profile(parent, self.graph, self.cfg.model.name, cache, **settings)
-        barrier()
-        if not is_main():
-            table = load_or_profile(parent, self.graph, self.cfg.model.name, cache, progress=False, **settings)
+        table = main_first(lambda progress: load_or_profile(parent, self.graph, self.cfg.model.name, cache,
+                                                            progress=progress, **settings))
         self.parent.to(default_device())
         return table
 
@@ -170,7 +167,7 @@ class Run:
         self.pool, self.val_set = self._datasets()
         self.train_set = self.pool.dataset
         self._resolve_ce_weight()
-        summary = self._data_summary()
+        self.data_summary = summary = self._data_summary()
         self._report("data", summary)
         if is_main():
             log.info("training pool: %d images from %d folders (%d labelled, %d classes), %d copies of validation "
@@ -197,12 +194,7 @@ class Run:
         roots = list(d.train_roots) if d.train_roots else [self._train_dir()]
         val = self._val_dir()
         val_set = image_dataset(val) if val is not None else None
-        cache = self.cfg.paths.cache_dir
-        if is_main():  # rank 0 computes the thumbnails of the val-copy check; the others read its cache
-            pool = training_pool(roots, val_set, cache)
-        barrier()
-        if not is_main():
-            pool = training_pool(roots, val_set, cache, progress=False)
+        pool = main_first(lambda progress: training_pool(roots, val_set, self.cfg.paths.cache_dir, progress))
         if val_set is None:
             pool, val_set = _hold_out(pool, d.holdout_fraction, self.cfg.seed)
         return pool, val_set
@@ -387,7 +379,7 @@ class Run:
         teacher_cache = os.path.join(self.cfg.paths.cache_dir, "teacher")  # shared by every run of a sweep
         metrics = validate_pair(student, self.parent, self._eval_set(self.val_set), teacher_cache, key,
                                 batch_size=self.cfg.data.val_batch_size, workers=self.cfg.data.workers)
-        val = self._data_summary()["val"]
+        val = self.data_summary["val"]
         warnings = validation_warnings(val["classes"], metrics["student"]["top1"], metrics["teacher"]["top1"])
         for w in warnings:
             log.warning(w)

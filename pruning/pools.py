@@ -152,7 +152,7 @@ def _readable_thumbnail(path: str) -> np.ndarray:
 def _thumbnail_cache(paths: list[str], cache_dir: str | None) -> str | None:
     if cache_dir is None:
         return None
-    stats = [(p, os.stat(p).st_size, os.stat(p).st_mtime_ns) for p in paths]
+    stats = [(p, st.st_size, st.st_mtime_ns) for p, st in ((p, os.stat(p)) for p in paths)]
     key = hashlib.sha256(json.dumps([THUMBNAIL, stats]).encode()).hexdigest()[:16]
     return os.path.join(cache_dir, "thumbnails", f"{key}.npy")
 
