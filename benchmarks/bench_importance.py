@@ -47,7 +47,7 @@ def main() -> None:
     for _ in range(args.rounds + 1):  # the first round warms up and is dropped
         times["plain"].append(_timed(lambda: [_plain_step(model, x, y) for _ in range(args.batches)]))
         for n, crit in criteria.items():
-            times[n].append(_timed(lambda: crit(model, graph, [(x, y)] * args.batches)))
+            times[n].append(_timed(lambda crit=crit: crit(model, graph, [(x, y)] * args.batches)))
     med = {k: statistics.median(v[1:]) for k, v in times.items()}
     print(f"{args.model}@{args.img_size} batch {args.batch} x {args.batches} per call, torch threads {torch.get_num_threads()}, {args.rounds} rounds")
     print(f"plain forward+backward: {n_img / med['plain']:.2f} img/s")

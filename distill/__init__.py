@@ -8,12 +8,12 @@
 * :mod:`distill.evaluate`: :func:`evaluate` and :func:`validate_pair` (teacher metrics cached).
 """
 from pruning.distributed import init_distributed
-from .evaluate import evaluate, format_pair, validate_pair
+from .evaluate import evaluate, validate_pair
 from .loss import DistillConfig, distill_loss
 from .points import matched_points
 from .train import FinetuneResult, NonFiniteLossError, TrainConfig, finetune
 
 __all__ = [
     "DistillConfig", "FinetuneResult", "NonFiniteLossError", "TrainConfig", "distill_loss", "evaluate", "finetune",
-    "format_pair", "init_distributed", "matched_points", "validate_pair",
+    "init_distributed", "matched_points", "validate_pair",
 ]

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pruning._io import atomic_torch_save
+from pruning.errors import UserInputError
 
 LAST = "last.pth"
 # fields that may change between a run and its resumption without changing its result
@@ -60,14 +61,15 @@ def load_checkpoint(path: str) -> dict[str, Any] | None:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"checkpoint {path!r} could not be read ({e}); delete it to start the run afresh") from e
+        raise UserInputError(f"checkpoint {path!r} could not be read ({e}); delete it to start the run afresh") from e
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
-    """Raise a ValueError naming every config field that differs from the checkpoint's (a different run)."""
+    """Raise a :class:`~pruning.errors.UserInputError` naming every config field that differs from the
+    checkpoint's (a different run)."""
     diffs = [f"{section}.{k}: {v!r} -> {current[section].get(k)!r}"
              for section in current for k, v in saved.get(section, {}).items()
              if k not in RESUMABLE_CHANGES and current[section].get(k) != v]
     if diffs:
-        raise ValueError(f"{path} belongs to a run with another configuration ({'; '.join(diffs)}); "
+        raise UserInputError(f"{path} belongs to a run with another configuration ({'; '.join(diffs)}); "
                          "use a new output folder or delete the checkpoint")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import time
 from typing import Any
@@ -19,8 +20,11 @@ from tqdm.auto import tqdm
 from pruning import distributed as D
 from pruning._io import atomic_write_text
 from pruning.data import eval_loader
+from pruning.errors import UserInputError
 
 from .precision import autocast, check_amp, synchronize
+
+log = logging.getLogger(__name__)
 
 TEACHER_CACHE = "teacher_metrics.json"
 
@@ -39,9 +43,9 @@ def _memory_format(model: nn.Module) -> torch.memory_format:
 
 
 def check_dataset(dataset: Dataset, what: str) -> None:
-    """Raise a ValueError if ``dataset`` holds no samples."""
+    """Raise a :class:`~pruning.errors.UserInputError` if ``dataset`` holds no samples."""
     if len(dataset) == 0:
-        raise ValueError(f"the {what} dataset is empty; give a folder of synset class folders or a labels.csv")
+        raise UserInputError(f"the {what} dataset is empty; give a folder of synset class folders or a labels.csv")
 
 
 def _count_correct(logits: torch.Tensor, labels: torch.Tensor) -> tuple[int, int]:
@@ -136,10 +140,18 @@ def _teacher_cache_key(teacher_key: str, dataset: Dataset, batch_size: int, amp:
 
 
 def _read_cache(path: str) -> dict[str, Any]:
+    """The cached teacher metrics; empty when there are none, or when the file is corrupt (said, then rewritten)."""
     if not os.path.isfile(path):
         return {}
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            cache = json.load(f)
+        if isinstance(cache, dict):
+            return cache
+        raise ValueError(f"a JSON {type(cache).__name__}, not an object")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        log.warning("%s is corrupt or truncated (%s: %s); the teacher is evaluated again", path, type(e).__name__, e)
+        return {}
 
 
 def validate_pair(
@@ -208,12 +220,3 @@ def validation_warnings(classes: int, student_top1: float, teacher_top1: float) 
         warnings.append(f"the student beats its teacher by {student_top1 - teacher_top1:.1f} top-1 points: a sign that "
                         "it was trained on the validation classes (class overlap), not that pruning helped")
     return warnings
-
-
-def format_pair(result: dict[str, Any]) -> str:
-    """A markdown table of :func:`validate_pair`'s result."""
-    rows = ["| model | top-1 | top-5 | images | images/s |", "|---|---|---|---|---|"]
-    for name in ("teacher", "student"):
-        m = result[name]
-        rows.append(f"| {name} | {m['top1']:.2f} | {m['top5']:.2f} | {m['images']} | {m['images_per_s']:.1f} |")
-    return "\n".join(rows)

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning.distributed import all_reduce_sum
+from pruning.errors import UserInputError
 from .points import FeatureCapture, check_points, matched_points
 
 METHODS = ("inner", "kd", "ce")
@@ -50,16 +51,17 @@ class DistillConfig:
     ce_weight: float | None = None
 
     def check(self) -> None:
-        """Raise a ValueError naming any bad field and its accepted forms."""
+        """Raise a :class:`~pruning.errors.UserInputError` naming any bad field and its accepted forms."""
         if self.method not in METHODS:
-            raise ValueError(f"unknown distillation method {self.method!r}; choose one of {list(METHODS)}")
+            raise UserInputError(f"unknown distillation method {self.method!r}; choose one of {list(METHODS)}")
         check_points(self.points)
         if self.proj_init not in PROJ_INITS:
-            raise ValueError(f"unknown projection init {self.proj_init!r}; choose one of {list(PROJ_INITS)}")
+            raise UserInputError(f"unknown projection init {self.proj_init!r}; choose one of {list(PROJ_INITS)}")
         if self.temperature <= 0 or not 0 <= self.label_smoothing < 1:
-            raise ValueError(f"need temperature > 0 and 0 <= label_smoothing < 1, got {self.temperature}, {self.label_smoothing}")
+            raise UserInputError(f"need temperature > 0 and 0 <= label_smoothing < 1, got {self.temperature}, "
+                                 f"{self.label_smoothing}")
         if self.ce_weight is not None and self.ce_weight < 0:
-            raise ValueError(f"distill.ce_weight={self.ce_weight} must be >= 0 (0: learn from the teacher only) or "
+            raise UserInputError(f"distill.ce_weight={self.ce_weight} must be >= 0 (0: learn from the teacher only) or "
                              "null (chosen from the training labels)")
 
     @property

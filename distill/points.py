@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pruning.errors import UserInputError
+
 POINTS = ("all", "authors", "last")
 
 # layers that only transform their input elementwise or per channel: they belong to the point before them
@@ -30,9 +32,9 @@ _FOLLOWERS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.Id
 
 
 def check_points(points: str) -> None:
-    """Raise a ValueError naming ``points`` unless it is one of :data:`POINTS`."""
+    """Raise a :class:`~pruning.errors.UserInputError` naming ``points`` unless it is one of :data:`POINTS`."""
     if points not in POINTS:
-        raise ValueError(f"unknown matched points {points!r}; choose one of {list(POINTS)}")
+        raise UserInputError(f"unknown matched points {points!r}; choose one of {list(POINTS)}")
 
 
 def _stage_names(model: nn.Module) -> list[str]:

@@ -5,16 +5,19 @@ import contextlib
 
 import torch
 
+from pruning.errors import UserInputError
+
 AMP_MODES = (None, "bf16", "fp16")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check_amp(amp: str | None, device: torch.device) -> None:
-    """Raise a ValueError naming ``amp`` unless it is valid on ``device``."""
+    """Raise a :class:`~pruning.errors.UserInputError` naming ``amp`` unless it is valid on ``device``."""
     if amp not in AMP_MODES:
-        raise ValueError(f"unknown amp mode {amp!r}; choose one of {list(AMP_MODES)}")
+        raise UserInputError(f"unknown amp mode {amp!r}; choose one of {list(AMP_MODES)}")
     if amp == "fp16" and device.type != "cuda":
-        raise ValueError(f"amp='fp16' needs a CUDA device, this run is on {device.type!r}; use amp='bf16' or amp=None")
+        raise UserInputError(f"amp='fp16' needs a CUDA device, this run is on {device.type!r}; use amp='bf16' or "
+                             "amp=None")
 
 
 def autocast(amp: str | None, device: torch.device) -> contextlib.AbstractContextManager:

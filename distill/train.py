@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from pruning import distributed as D
 from pruning.data import eval_loader
+from pruning.errors import UserInputError
 
 from .checkpoint import LAST, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import EpochSeededDataset, ResumableSampler, train_loader, train_transform, with_transform
@@ -102,7 +103,7 @@ class TrainConfig:
     teacher_channels_last: bool = True
 
     def check(self) -> None:
-        """Raise a ValueError naming any bad field."""
+        """Raise a :class:`~pruning.errors.UserInputError` naming any bad field."""
         positive = {"epochs": self.epochs, "batch_size": self.batch_size, "img_size": self.img_size, "log_every": self.log_every}
         bad = [f"{k}={v!r}" for k, v in positive.items() if v < 1]
         optional = {"max_steps": self.max_steps, "checkpoint_every_steps": self.checkpoint_every_steps,
@@ -113,8 +114,9 @@ class TrainConfig:
         if self.checkpoint_minutes is not None and not self.checkpoint_minutes > 0:  # also catches NaN
             bad.append(f"checkpoint_minutes={self.checkpoint_minutes!r}")
         if bad:
-            raise ValueError(f"invalid training settings: {', '.join(bad)} (counts must be >= 1, ema_decay in (0, 1) "
-                             "or None, checkpoint_minutes > 0 or None to checkpoint only by epoch and step count)")
+            raise UserInputError(f"invalid training settings: {', '.join(bad)} (counts must be >= 1, ema_decay in "
+                                 "(0, 1) or None, checkpoint_minutes > 0 or None to checkpoint only by epoch and step "
+                                 "count)")
 
 
 @dataclass
@@ -167,7 +169,7 @@ def finetune(
             replacement in proportion to them (class- or source-balanced sampling); None visits each once.
 
     Raises:
-        ValueError: bad settings, an empty dataset, a missing teacher, or a checkpoint of another run.
+        UserInputError: bad settings, an empty dataset, a missing teacher, or a checkpoint of another run.
         NonFiniteLossError: the loss became NaN/inf; the last checkpoint is left as it was.
     """
     return Trainer(student, teacher, train_set, distill, train, out_dir, logger, progress, val_set,
@@ -181,7 +183,7 @@ def _check_inputs(distill: DistillConfig, train: TrainConfig, teacher, train_set
     check_amp(train.amp, device)
     check_dataset(train_set, "training")
     if distill.needs_teacher and teacher is None:
-        raise ValueError(f"method {distill.method!r} needs the unpruned teacher; pass it, or use method='ce'")
+        raise UserInputError(f"method {distill.method!r} needs the unpruned teacher; pass it, or use method='ce'")
 
 
 def _seed_everything(seed: int) -> None:
@@ -219,8 +221,8 @@ class Trainer:
         self.sampler = ResumableSampler(self.dataset, D.world_size(), D.rank(), self.cfg.seed, self.cfg.batch_size, weights)
         self.steps_per_epoch = self.sampler.batches_per_epoch()
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the training set ({len(train_set)} images over {D.world_size()} processes) is smaller "
-                             f"than one batch of {self.cfg.batch_size} per process; lower batch_size")
+            raise UserInputError(f"the training set ({len(train_set)} images over {D.world_size()} processes) is "
+                                 f"smaller than one batch of {self.cfg.batch_size} per process; lower batch_size")
         natural = (self.cfg.epochs + self.cfg.cooldown_epochs) * self.steps_per_epoch
         self.total_steps = min(natural, self.cfg.max_steps or natural)
         self.schedule_scale = self.total_steps / natural  # max_steps compresses the whole schedule
@@ -251,7 +253,7 @@ class Trainer:
                                              momentum=cfg.momentum, filter_bias_and_bn=True)
         # everything in updates (updates_per_epoch=1): the schedule is stepped per update and may be compressed
         scale = self.schedule_scale * self.steps_per_epoch
-        cooldown = round(cfg.cooldown_epochs * scale)
+        cooldown = min(round(cfg.cooldown_epochs * scale), self.total_steps - 1)  # a few max_steps: >= 1 decaying
         self.scheduler, _ = create_scheduler_v2(
             self.optimizer, sched="cosine", num_epochs=self.total_steps - cooldown, decay_epochs=1,
             warmup_epochs=round(cfg.warmup_epochs * scale), cooldown_epochs=cooldown, min_lr=cfg.min_lr,

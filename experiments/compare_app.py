@@ -8,7 +8,12 @@ changed, so nothing is re-implemented here:
 * allocation ``uniform`` (one keep ratio), ``threshold`` (one global score threshold), ``threshold_norm`` (the
   same after dividing each layer's scores by their mean, Torch-Pruning's default), ``exact`` (the knapsack) or
   ``greedy`` (the paper's greedy knapsack and cost model);
-* criterion ``l1`` (weight magnitude) or ``taylor_weight`` (the authors').
+* criterion ``l1`` (weight magnitude) or ``taylor_weight`` (the authors');
+* ``torch_pruning``: Torch-Pruning's own dependency graph, importance (GroupMagnitudeImportance for ``l1``,
+  GroupTaylorImportance for ``taylor``, gradients on the same images the app scores on) and global allocation,
+  its ratio bisected to the budget (``peers.py``). Its model is saved as the app's ``pruned_checkpoint.pth``
+  (:func:`peers.kept_channels` checks that it rebuilds exactly), and the app fine-tunes and validates it
+  (``stages=[finetune,validate]``) like the others, after the same BN recalibration as the app's prune stage.
 
 Latency is then measured for every pruned model and the parent in ``--latency-runs`` separate processes of
 ``--rounds`` interleaved rounds each (batch 1, 2 threads), and reported as the median ratio to the parent with
@@ -32,7 +37,8 @@ from separate_runs import measured_in_processes, serve_latency_request  # noqa: 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OUT = os.path.join(ROOT, "experiments", "results", "compare_app")
 CRITERIA = {"l1": "l1", "taylor": "taylor_weight"}
-ALLOCATIONS = ("uniform", "threshold", "threshold_norm", "exact", "greedy")
+ALLOCATIONS = ("uniform", "threshold", "threshold_norm", "exact", "greedy", "torch_pruning")
+PEER_IMPORTANCE = {"l1": "magnitude", "taylor": "taylor"}  # Torch-Pruning's counterpart of each criterion
 
 
 def _args() -> argparse.Namespace:
@@ -44,6 +50,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--latency-runs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved results")
+    ap.add_argument("--measure-only", action="store_true",
+                    help="run nothing: measure the latency of every saved method again (on a quiet machine)")
     ap.add_argument("--latency-only", nargs=2, metavar=("BUDGET", "JSON"), help=argparse.SUPPRESS)
     return ap.parse_args()
 
@@ -56,11 +64,62 @@ def _run_dir(budget: str, method: str) -> str:
     return os.path.join(OUT, "runs", f"budget-{budget}", method)
 
 
+def app_overrides(budget: str, criterion: str) -> list[str]:
+    """What every method's run shares: the quickstart at this budget, scored with this criterion."""
+    return ["+experiment=quickstart", f"budget.target={budget}", f"importance={CRITERIA[criterion]}"]
+
+
 def app_command(budget: str, criterion: str, allocation: str, steps: int) -> list[str]:
     """The app's command line for one method (everything else is the quickstart's)."""
-    return [sys.executable, "-m", "pruning.run", "+experiment=quickstart", f"budget.target={budget}",
-            f"importance={CRITERIA[criterion]}", f"solver={allocation}", f"trainer.max_steps={steps}",
+    peer = allocation == "torch_pruning"  # pruned here; the app fine-tunes and validates it
+    return [sys.executable, "-m", "pruning.run", *app_overrides(budget, criterion),
+            "stages=[finetune,validate]" if peer else f"solver={allocation}", f"trainer.max_steps={steps}",
             f"hydra.run.dir={_run_dir(budget, _method(criterion, allocation))}", "logger=none"]
+
+
+def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
+    """Torch-Pruning's model at the budget, written as the app's ``pruned_checkpoint.pth`` in ``run_dir``.
+
+    The parent, the budget, the pool and the images Taylor gradients are taken on are the app's own, read
+    through :class:`pruning.pipeline.Run`'s checks (the first ``importance.num_images`` of the pool in the
+    app's seeded order, the validation images' copies excluded). Its BN statistics are then re-estimated on the
+    same images, as the app's prune stage does (``bn_recalibration``): the projections of inner distillation are
+    fitted to the student's eval-mode features, which are meaningless with the parent's statistics.
+    """
+    from hydra import compose, initialize_config_dir
+
+    from peers import kept_channels, torch_pruning_to_macs
+    from pruning import artifacts
+    from pruning.data import ImageListDataset, eval_loader, eval_transform
+    from pruning.loggers import NullLogger
+    from pruning.pipeline import Run
+    from pruning.prune import prune_model
+    from pruning.recalibrate import recalibrate_bn
+
+    with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
+        cfg = compose("config", overrides=[*app_overrides(budget, criterion), "stages=[finetune]", "logger=none"])
+    app = Run(cfg, run_dir, NullLogger())
+    app.preflight()  # the checks only: parent, budget, pool (stages=[finetune] makes it read the data)
+    size, n = cfg.model.img_size, cfg.importance.num_images
+    images = ImageListDataset(app.train_set.samples, eval_transform(app.parent, size))
+    loader = eval_loader(images, cfg.importance.batch_size, cfg.data.workers, shuffle_seed=cfg.seed)
+    batches = [b for _, b in zip(range(-(-n // cfg.importance.batch_size)), loader)]
+    pruned = torch_pruning_to_macs(app.parent, size, app.budget.macs, PEER_IMPORTANCE[criterion], batches).eval()
+    keep = kept_channels(app.parent, pruned, app.graph)
+    student = prune_model(app.parent, app.graph, keep)
+    assert cfg.bn_recalibration.num_images == n and cfg.bn_recalibration.batch_size == cfg.importance.batch_size
+    recalibrate_bn(student, batches, n, progress=False)  # the app's images and settings (checked above)
+    artifacts.save_pruned(student.eval(), run_dir, cfg.model.name, size, keep, "pruned", app.graph.protected_patterns)
+
+
+def _macs(run_dir: str, report: dict) -> int:
+    if "model" in report:
+        return report["model"]["macs_after"]
+    from pruning.artifacts import load_pruned
+    from pruning.count import count_model
+
+    model, meta = load_pruned(os.path.join(run_dir, "pruned_checkpoint.pth"))
+    return count_model(model, meta["img_size"]).macs
 
 
 def run_method(budget: str, criterion: str, allocation: str, steps: int) -> dict:
@@ -68,9 +127,14 @@ def run_method(budget: str, criterion: str, allocation: str, steps: int) -> dict
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
     run_dir = _run_dir(budget, _method(criterion, allocation))
     os.makedirs(run_dir, exist_ok=True)
+    if allocation == "torch_pruning" and not os.path.isfile(os.path.join(run_dir, "pruned_checkpoint.pth")):
+        prune_with_torch_pruning(budget, criterion, run_dir)
     with open(os.path.join(run_dir, "app.log"), "w") as log:
-        subprocess.run(app_command(budget, criterion, allocation, steps), cwd=ROOT, env=env, check=True, stdout=log,
-                       stderr=subprocess.STDOUT)
+        done = subprocess.run(app_command(budget, criterion, allocation, steps), cwd=ROOT, env=env, stdout=log,
+                              stderr=subprocess.STDOUT)
+    if done.returncode:  # a method that fails (a diverging fine-tune) is a result too: its row says why
+        errors = [line for line in open(os.path.join(run_dir, "app.log")) if "Error" in line]
+        return {"failed": errors[-1].strip() if errors else f"exit code {done.returncode}"}
     with open(os.path.join(run_dir, "report.json")) as f:
         return json.load(f)
 
@@ -112,20 +176,29 @@ def write_readme(rows: list[dict], args: argparse.Namespace, parent_top1: float)
              f"--latency-runs {args.latency_runs} --rounds {args.rounds}",
              "# each method (criterion l1 or taylor_weight; solver uniform, threshold, threshold_norm, exact, greedy):",
              f"python -m pruning.run +experiment=quickstart budget.target={args.budget} importance=<criterion> "
-             f"solver=<allocation> trainer.max_steps={args.steps} logger=none hydra.run.dir=<run dir>", "```", "",
+             f"solver=<allocation> trainer.max_steps={args.steps} logger=none hydra.run.dir=<run dir>",
+             "# torch_pruning: pruned by Torch-Pruning into <run dir>/pruned_checkpoint.pth, then",
+             f"python -m pruning.run +experiment=quickstart budget.target={args.budget} importance=<criterion> "
+             f"stages=[finetune,validate] trainer.max_steps={args.steps} logger=none hydra.run.dir=<run dir>",
+             "```", "",
              f"tf_efficientnet_lite0 (real weights) at 128 px, {args.budget} of its MACs; every method BN-recalibrated "
              f"and fine-tuned alike ({args.steps} updates, label-free inner distillation on the pools). Top-1 on "
              f"imagenet-val-1300 (parent: {parent_top1:.2f}). Latency: batch 1, 2 threads, ratio to the parent, median "
              f"of {args.latency_runs} processes x {args.rounds} interleaved rounds (range).", "",
              "| allocation | criterion | MACs | top-1 | latency / parent |", "|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: -r["top1"]):
-        lo, hi = min(r["latency"]), max(r["latency"])
-        lines.append(f"| {r['allocation']} | {r['criterion']} | {r['macs'] / 1e6:.1f}M | {r['top1']:.2f} | "
-                     f"{statistics.median(r['latency']):.3f} ({lo:.3f}-{hi:.3f}) |")
+    for r in sorted(rows, key=lambda r: -(r["top1"] if r["top1"] is not None else -1)):
+        lat = r.get("latency") or []
+        speed = f"{statistics.median(lat):.3f} ({min(lat):.3f}-{max(lat):.3f})" if lat else "not measured"
+        top1 = f"{r['top1']:.2f}" if r["top1"] is not None else f"failed: {r['failed']}"
+        lines.append(f"| {r['allocation']} | {r['criterion']} | {r['macs'] / 1e6:.1f}M | {top1} | {speed} |")
     path = os.path.join(OUT, f"budget-{args.budget}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
     return path
+
+
+def _parent_top1(rows: list[dict]) -> float:
+    return next(r["parent_top1"] for r in rows if "parent_top1" in r)
 
 
 def main() -> None:
@@ -135,24 +208,32 @@ def main() -> None:
     path = os.path.join(OUT, f"budget-{args.budget}.json")
     if args.table_only:
         rows = json.load(open(path))
-        print(open(write_readme(rows, args, rows[0]["parent_top1"])).read())
+        print(open(write_readme(rows, args, _parent_top1(rows))).read())
         return
     done = json.load(open(path)) if os.path.isfile(path) else []  # methods of earlier calls at this budget stay
     rows = [r for r in done if (r["criterion"], r["allocation"]) not in
             {(c, a) for c in args.criteria for a in args.allocations}]
-    for criterion in args.criteria:
+    if args.measure_only:
+        rows = done
+    for criterion in ([] if args.measure_only else args.criteria):
         for allocation in args.allocations:
             report = run_method(args.budget, criterion, allocation, args.steps)
-            rows.append({"criterion": criterion, "allocation": allocation, "macs": report["model"]["macs_after"],
-                         "top1": report["validate"]["student"]["top1"],
-                         "parent_top1": report["validate"]["teacher"]["top1"]})
+            run_dir = _run_dir(args.budget, _method(criterion, allocation))
+            row = {"criterion": criterion, "allocation": allocation, "macs": _macs(run_dir, report)}
+            if "failed" in report:
+                row |= {"top1": None, "failed": report["failed"]}
+            else:
+                row |= {"top1": report["validate"]["student"]["top1"],
+                        "parent_top1": report["validate"]["teacher"]["top1"]}
+            rows.append(row)
             print(rows[-1], flush=True)
-    ratios = latency_ratios(args.budget, args.latency_runs, args.rounds)
-    for r in rows:
-        r["latency"] = ratios[_method(r["criterion"], r["allocation"])]
+    if args.latency_runs:  # 0: keep what was measured before (a busy machine); --measure-only later
+        ratios = latency_ratios(args.budget, args.latency_runs, args.rounds)
+        for r in rows:
+            r["latency"] = ratios[_method(r["criterion"], r["allocation"])]
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
-    print(open(write_readme(rows, args, rows[0]["parent_top1"])).read())
+    print(open(write_readme(rows, args, _parent_top1(rows))).read())
 
 
 if __name__ == "__main__":

@@ -14,8 +14,9 @@ others in one interleaved run:
 4. ``global_l1``: one global L1 threshold (knob: the MACs budget);
 5. ``torch_pruning``: Torch-Pruning, Taylor, global (knob: its pruning ratio).
 
-Everything goes through the public API (:func:`pruning.search.search`, :mod:`pruning.latency`); fine-tuning,
-recalibration and evaluation are :mod:`experiments.compare`'s. Fine-tuning, calibration and importance use
+Everything goes through the public API (:func:`pruning.search.search`, :mod:`pruning.latency`,
+:func:`distill.finetune` with inner distillation, :func:`pruning.recalibrate.recalibrate_bn`,
+:func:`distill.evaluate`). Fine-tuning, calibration and importance use
 ``imagenet-sample-1000`` (ImageNet train images, all 1000 classes); ``imagenet-val-1300`` only evaluates.
 
     python experiments/latency_budget.py     # defaults: 160 px, 120 steps of 32 images, lr 0.002, 2 threads
@@ -29,7 +30,10 @@ import os
 os.environ.setdefault("ONEDNN_PRIMITIVE_CACHE_CAPACITY", "16384")
 
 import argparse  # noqa: E402
+import csv  # noqa: E402
+import importlib.metadata  # noqa: E402
 import json  # noqa: E402
+import platform  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 
@@ -37,10 +41,11 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from compare import _batches, _environment, _finetune, _scores, _top, markdown_table, stage_lines, write_csv  # noqa: E402
+from distill import DistillConfig, TrainConfig, evaluate, finetune  # noqa: E402
 from peers import torch_pruning_until  # noqa: E402
 from pruning import CostModel, build_channel_graph  # noqa: E402
-from pruning.data import ImageListDataset, eval_transform, image_dataset  # noqa: E402
+from pruning.data import ImageListDataset, eval_loader, eval_transform, image_dataset  # noqa: E402
+from pruning.importance import create_importance  # noqa: E402
 from pruning.latency import load_or_profile, measure_latency  # noqa: E402
 from pruning.plots import plot_kept_fractions  # noqa: E402
 from pruning.recalibrate import recalibrate_bn  # noqa: E402
@@ -74,9 +79,7 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--cache-dir", default=os.environ.get("KP_CACHE_DIR", "outputs/cache"))
     ap.add_argument("--out", default="experiments/results/latency_budget")
-    args = ap.parse_args()
-    args.baseline_loss = "inner"  # every method fine-tunes with inner distillation (compare._finetune)
-    return args
+    return ap.parse_args()
 
 
 def _data(args, parent):
@@ -86,6 +89,58 @@ def _data(args, parent):
     if args.val_limit:
         val = ImageListDataset(val.samples[: args.val_limit], val.transform)
     return train, val
+
+
+def _batches(train, parent, args, n):
+    data = ImageListDataset(train.samples, eval_transform(parent, args.img_size))
+    return eval_loader(data, 32, args.workers, shuffle_seed=0), n
+
+
+def _scores(parent, graph, train, args):
+    loader, n = _batches(train, parent, args, args.importance_images)
+    taylor = create_importance("taylor_weight", num_images=n, progress=False)(parent, graph, loader)
+    return {"taylor": taylor, "l1": create_importance("l1")(parent, graph)}
+
+
+def _top(model, val, args):
+    m = evaluate(model, val, batch_size=64, workers=args.workers, progress=False)
+    return round(m["top1"], 2), round(m["top5"], 2)
+
+
+def _finetune(student, parent, train, args, out):
+    """Every method alike: inner distillation under the parent (the app's ``distill=inner``)."""
+    cfg = TrainConfig(epochs=1, max_steps=args.steps, batch_size=args.batch, lr=args.lr, img_size=args.img_size,
+                      workers=args.workers, seed=0, log_every=25)
+    result = finetune(student, parent, ImageListDataset(train.samples), DistillConfig(method="inner", gamma=args.gamma),
+                      cfg, out, progress=False)
+    return result.student.eval()
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+
+
+def markdown_table(header: list[str], rows: list[list]) -> list[str]:
+    line = lambda cells: "| " + " | ".join(str(c) for c in cells) + " |"  # noqa: E731
+    return [line(header), "|---|" + "---|" * (len(header) - 1)] + [line(r) for r in rows]
+
+
+def stage_lines(fractions: dict[str, dict[str, float]]) -> list[str]:
+    """A markdown table of each method's kept fraction of prunable channels per stage."""
+    stages = list(next(iter(fractions.values())))
+    rows = [[m, *(f"{fr[s]:.2f}" for s in stages)] for m, fr in fractions.items()]
+    return ["", "Kept fraction of prunable channels per stage:", ""] + markdown_table(["method", *stages], rows)
+
+
+def _environment(args) -> dict:
+    packages = {p: importlib.metadata.version(p) for p in ("timm", "torchvision", "torch-pruning")}
+    return {"python": platform.python_version(), "torch": torch.__version__, "packages": packages,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "command": "python " + " ".join(sys.argv), "args": vars(args)}
 
 
 class Setup:
@@ -172,7 +227,7 @@ def run_method(method: str, s: Setup, batch: int, target: float, out: str) -> tu
     recalibrate_bn(model, loader, n, progress=False)
     row["top1_recal"], _ = _top(model, s.val, args)
     t = time.time()
-    model = _finetune(method, model, s.parent, s.train, args, os.path.join(out, "runs", method))
+    model = _finetune(model, s.parent, s.train, args, os.path.join(out, "runs", method))
     row["finetune_s"] = round(time.time() - t, 1)
     row["top1"], row["top5"] = _top(model.cpu().eval(), s.val, args)
     print(json.dumps(row), flush=True)

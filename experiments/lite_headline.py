@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from separate_runs import measured_in_processes, serve_latency_request  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-OUT = os.path.join(ROOT, "experiments", "results", "lite_headline")
+# --out moves the results; the environment carries it to the latency processes, which rerun this script
+OUT = os.environ.get("KP_LITE_HEADLINE_OUT", os.path.join(ROOT, "experiments", "results", "lite_headline"))
 # budget -> (the parent at its resolution, the dense smaller model at its resolution)
 PAIRS = {
     "lite1_to_lite0": (("tf_efficientnet_lite1", 240), ("tf_efficientnet_lite0", 224)),
@@ -43,6 +44,8 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--latency-runs", type=int, default=2, help="separate processes that each time every model")
     ap.add_argument("--rounds", type=int, default=9, help="interleaved rounds per latency run")
     ap.add_argument("--overrides", nargs="*", default=[], help="extra Hydra overrides for the app")
+    ap.add_argument("--out", default=None, help="results folder (default experiments/results/lite_headline); "
+                    "give a longer run (--overrides trainer.epochs=3) its own")
     ap.add_argument("--measure-only", action="store_true", help="read the finished runs' reports; measure again")
     ap.add_argument("--latency-only", nargs=2, metavar=("PAIR", "JSON"), help=argparse.SUPPRESS)
     return ap.parse_args()
@@ -132,7 +135,10 @@ def compare(pair: str, report: dict, runs: int, rounds: int) -> dict:
 def _row_lines(row: dict) -> list[str]:
     p, d = row["pruned"], row["dense"]
     (parent, parent_px), (small, small_px) = PAIRS[row["pair"]]
-    spread = lambda m: f"{m['latency_ms']:.2f} ({m['latency_spread_ms'][0]:.2f}-{m['latency_spread_ms'][1]:.2f})"
+
+    def spread(m: dict) -> str:
+        return f"{m['latency_ms']:.2f} ({m['latency_spread_ms'][0]:.2f}-{m['latency_spread_ms'][1]:.2f})"
+
     return [f"| {parent} @{parent_px} pruned (`+budget={row['pair']}`) | {p['macs'] / 1e6:.1f}M | {p['params'] / 1e6:.2f}M "
             f"| **{p['top1']:.2f}** | {spread(p)} |",
             f"| {small} @{small_px}, dense | {d['macs'] / 1e6:.1f}M | {d['params'] / 1e6:.2f}M | **{d['top1']:.2f}** "
@@ -144,7 +150,9 @@ def write_readme(rows: list[dict], args: argparse.Namespace) -> str:
     lines = ["# The headline claim on real Lite weights", "",
              "Commands (the script drives the app, then measures; rerunning resumes an interrupted run):", "",
              "```", f"python experiments/lite_headline.py --pairs {' '.join(r['pair'] for r in rows)} "
-             f"--latency-runs {args.latency_runs} --rounds {args.rounds}",
+             f"--latency-runs {args.latency_runs} --rounds {args.rounds}"
+             + (f" --out {os.path.relpath(OUT, ROOT)}" if args.out else "")
+             + (f" --overrides {' '.join(args.overrides)}" if args.overrides else ""),
              *[" ".join(["python", *app_command(r["pair"], args.overrides)[1:]]).replace(ROOT + "/", "") for r in rows],
              "```", "",
              "Top-1 on imagenet-val-1300 (1300 real ImageNet val images, 725 classes; each model at its own resolution, "
@@ -179,7 +187,10 @@ def _copy_plot(pair: str) -> None:
 
 
 def main() -> None:
+    global OUT
     args = _args()
+    if args.out:
+        OUT = os.environ["KP_LITE_HEADLINE_OUT"] = os.path.abspath(args.out)
     if serve_latency_request(args.latency_only, args.rounds, measure_latency_once):
         return
     os.makedirs(OUT, exist_ok=True)

@@ -4,6 +4,10 @@ Torch-Pruning takes channel *ratios*, not MAC budgets, so its global pruning rat
 each trial prunes a copy of the model with Torch-Pruning's own dependency graph, importance and global
 allocation, and this framework's counter measures the result. The layers this framework protects by default
 (stem, first stage, head, classifier) are ignored by Torch-Pruning too, so both prune the same layers.
+
+:func:`kept_channels` reads which of the parent's channels a Torch-Pruning model kept, in this framework's
+groups, so that its model can be saved as a ``pruned_checkpoint.pth`` and fine-tuned and validated by the app
+(``stages=[finetune,validate]``) exactly as the app's own pruned models are.
 """
 from __future__ import annotations
 
@@ -15,8 +19,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from pruning.count import count_model
-from pruning.graph import is_protected
+from pruning.graph import ChannelGraph, is_protected
 from pruning.protect import default_protected
+from pruning.prune import prune_model
 
 
 def _ignored_layers(model: nn.Module) -> list[nn.Module]:
@@ -28,7 +33,8 @@ def _accumulate_gradients(model: nn.Module, batches: Iterable) -> None:
     model.eval()
     model.zero_grad()
     for images, labels in batches:
-        F.cross_entropy(model(images), labels).backward()
+        logits = model(images)  # unlabelled images (-1) count against the model's own top class, as ours do
+        F.cross_entropy(logits, torch.where(labels < 0, logits.detach().argmax(1), labels)).backward()
 
 
 def _prune_copy(model: nn.Module, img_size: int, ratio: float, importance: str) -> nn.Module:
@@ -80,3 +86,47 @@ def torch_pruning_until(model: nn.Module, img_size: int, fits: Callable[[nn.Modu
     if best is None:
         best = _prune_copy(base, img_size, hi, importance)
     return best
+
+
+def _channel_rows(model: nn.Module, group) -> list[tuple[float, ...]]:
+    """Per channel of ``group``, the values that pruning copies unchanged whatever else is pruned: the
+    BatchNorms' weight, bias and running statistics and the producing layers' biases."""
+    columns = []
+    for m in group.members:
+        layer = model.get_submodule(m.module)
+        if m.role == "channel" and isinstance(layer, nn.BatchNorm2d):
+            columns += [layer.weight, layer.bias, layer.running_mean, layer.running_var]
+        elif m.role == "out" and getattr(layer, "bias", None) is not None:
+            columns.append(layer.bias)
+    return list(zip(*(t.tolist() for t in columns)))
+
+
+def kept_channels(parent: nn.Module, pruned: nn.Module, graph: ChannelGraph) -> dict[str, list[int]]:
+    """Which of ``parent``'s channels every prunable group of ``pruned`` (a Torch-Pruning model) kept.
+
+    Pruning copies a channel's BatchNorm values and biases unchanged, so each kept channel is found by them
+    among the parent's. The result is checked: this framework's :func:`pruning.prune.prune_model` with these
+    channels must compute what ``pruned`` computes.
+
+    Raises:
+        ValueError: a group without BatchNorm or bias, a parent whose channels tie, or models that disagree.
+    """
+    keep = {}
+    for group in graph.prunable_groups():
+        rows = _channel_rows(parent, group)
+        index = {row: i for i, row in enumerate(rows)}
+        if not rows or len(index) != group.width:
+            raise ValueError(f"group {group.name!r}: its channels cannot be told apart by BatchNorm values or biases")
+        kept = [index[row] for row in _channel_rows(pruned, group)]
+        if len(kept) < group.width:
+            keep[group.name] = sorted(kept)
+    _check_same_model(prune_model(parent, graph, keep), pruned, graph.input_size)
+    return keep
+
+
+@torch.no_grad()
+def _check_same_model(ours: nn.Module, theirs: nn.Module, input_size: tuple[int, int, int]) -> None:
+    x = torch.randn(2, *input_size, generator=torch.Generator().manual_seed(0))
+    diff = (ours.eval()(x) - theirs.eval()(x)).abs().max().item()
+    if diff > 1e-4:
+        raise ValueError(f"the kept channels do not rebuild the Torch-Pruning model (outputs differ by {diff:.2e})")

@@ -1,13 +1,14 @@
-"""Where do the fine-tuned students of ``compare.py`` put their predictions? A check for class collapse.
+"""Where do the fine-tuned students of the app put their predictions? A check for class collapse.
 
-compare.py fine-tunes on Imagenette train (5000 images of 10 classes) plus imagenet-sample-1000 (one image
-per class), so 83% of the training images come from 10 classes. A student that forgets its parent drifts
-towards those classes. This script rebuilds every student (each method's pruning is deterministic: the
-same scores, solver and seed give the same widths), loads its fine-tuned weights from ``compare.py``'s run folders,
-and reports how many imagenet-val-1300 predictions fall into the 10 Imagenette classes (their true share of
-the labels is under 1%).
+A student that forgets its parent drifts towards the classes it saw most while fine-tuning. For every app run
+under ``--runs`` (each a folder with ``report.json`` and ``pruned_checkpoint.pth``, e.g. ``compare_app.py``'s), this
+loads the fine-tuned model with :func:`pruning.artifacts.load_pruned`, predicts the run's own validation images at
+its resolution, and reports how many predictions fall into the 10 classes with the most images in the run's
+training pool (the same count for the parent shows the share that is not collapse), how many distinct classes
+it predicts and its most predicted class.
 
-    python experiments/prediction_bias.py --runs experiments/results/compare
+    python experiments/prediction_bias.py --runs experiments/results/compare_app/runs/budget-0.7 \
+        --out experiments/results/compare_app/prediction_bias-0.7.md
 """
 from __future__ import annotations
 
@@ -19,62 +20,73 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from compare import _data, _prune, _scores, target_macs  # noqa: E402
-from distill.checkpoint import LAST, load_checkpoint  # noqa: E402
-from pruning import build_channel_graph  # noqa: E402
-from pruning.data import eval_loader  # noqa: E402
-from pruning.weights import load_pretrained_lite0  # noqa: E402
-
 
 def _args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", default="experiments/results/compare", help="compare.py's --out folder")
-    ap.add_argument("--out", default=None, help="where to write prediction_bias.md (default: --runs)")
+    ap.add_argument("--runs", required=True, help="a folder of app run directories")
+    ap.add_argument("--out", required=True, help="the markdown file to write")
+    ap.add_argument("--workers", type=int, default=2)
     return ap.parse_args()
 
 
+def _finished(runs: str) -> list[str]:
+    """Run directories whose fine-tuned model and report are both written."""
+    def done(d: str) -> bool:
+        report = os.path.join(runs, d, "report.json")
+        return os.path.isfile(report) and "validate" in json.load(open(report))
+    return sorted(d for d in os.listdir(runs) if os.path.isdir(os.path.join(runs, d)) and done(d))
+
+
 @torch.no_grad()
-def _predictions(model, val, workers) -> torch.Tensor:
-    return torch.cat([model(x).argmax(1) for x, _ in eval_loader(val, 64, workers)])
+def predictions(model: torch.nn.Module, root: str, img_size: int, workers: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(predicted, true)`` labels of ``model`` on the images of ``root`` (timm's eval transform at ``img_size``)."""
+    from pruning.data import eval_loader, eval_transform, image_dataset
+
+    data = image_dataset(root, eval_transform(model, img_size))
+    pairs = [(model(x).argmax(1), y) for x, y in eval_loader(data, 64, workers)]
+    return torch.cat([p for p, _ in pairs]), torch.cat([y for _, y in pairs])
 
 
-def _student(method, parent, graph, scores, target, train, run_args, checkpoint):
-    model = _prune(method, parent, graph, scores, target, train, run_args).eval()  # deterministic: same widths
-    model.load_state_dict(checkpoint["student"])
-    return model
+def crowded_classes(config: dict, n: int = 10) -> torch.Tensor:
+    """The ``n`` labelled classes with the most images in the run's training pool."""
+    from pruning.pools import training_pool
+
+    data = config["data"]
+    roots = data["train_roots"] or [os.path.join(data["root"], data["train_split"])]
+    counts = collections.Counter(label for label in training_pool(list(roots)).labels() if label >= 0)
+    return torch.tensor([label for label, _ in counts.most_common(n)])
+
+
+def bias_row(name: str, predicted: torch.Tensor, true: torch.Tensor, crowded: torch.Tensor) -> str:
+    top, count = collections.Counter(predicted.tolist()).most_common(1)[0]
+    return (f"| {name} | {(predicted == true).float().mean() * 100:.2f} | "
+            f"{torch.isin(predicted, crowded).float().mean() * 100:.1f}% | {predicted.unique().numel()} | "
+            f"{top} ({count / len(predicted) * 100:.1f}%) |")
 
 
 def main() -> None:
+    from pruning.artifacts import load_pruned
+    from pruning.models import load_parent
+
     args = _args()
-    with open(os.path.join(args.runs, "environment.json")) as f:
-        run_args = argparse.Namespace(**json.load(f)["args"])
-    parent = load_pretrained_lite0().eval()
-    graph = build_channel_graph(parent, run_args.img_size)
-    train, val = _data(run_args, parent)
-    scores = _scores(parent, graph, train, run_args)
-    counts = collections.Counter(label for _, label in train.samples)
-    dominant = torch.tensor(sorted(label for label, n in counts.items() if n > 1))
-    labels = torch.tensor([label for _, label in val.samples])
-    lines = ["| budget | method | top-1 | predictions in the 10 Imagenette classes | most predicted class (share) |",
-             "|---|---|---|---|---|"]
-    for budget in run_args.budgets:
-        target = target_macs(budget, graph, parent)
-        for method in run_args.methods:
-            checkpoint = load_checkpoint(os.path.join(args.runs, f"budget_{budget:g}", "runs", method, LAST))
-            if checkpoint is None:
-                continue
-            student = _student(method, parent, graph, scores, target, train, run_args, checkpoint)
-            p = _predictions(student, val, run_args.workers)
-            top, n = collections.Counter(p.tolist()).most_common(1)[0]
-            lines.append(f"| {budget:g} | {method} | {(p == labels).float().mean() * 100:.2f} | "
-                         f"{torch.isin(p, dominant).float().mean() * 100:.1f}% | {top} ({n / len(p) * 100:.1f}%) |")
-            print(lines[-1], flush=True)
-    share = torch.isin(labels, dominant).float().mean() * 100
+    names = _finished(args.runs)
+    if not names:
+        sys.exit(f"no finished app runs (report.json with a validate section) under {args.runs}")
+    config = json.load(open(os.path.join(args.runs, names[0], "report.json")))["run"]["config"]
+    m, root = config["model"], config["data"]["val_root"]
+    parent = load_parent(m["name"], m["pretrained"], m["checkpoint"]).eval()
+    crowded = crowded_classes(config)
+    predicted, true = predictions(parent, root, m["img_size"], args.workers)
+    lines = ["| model | top-1 | predictions in the 10 most trained classes | classes predicted | most predicted "
+             "class (share) |", "|---|---|---|---|---|", bias_row("parent (unpruned)", predicted, true, crowded)]
+    for name in names:
+        student, _ = load_pruned(os.path.join(args.runs, name, "pruned_checkpoint.pth"), parent)
+        lines.append(bias_row(name, *predictions(student.eval(), root, m["img_size"], args.workers), crowded))
+        print(lines[-1], flush=True)
     head = [f"Command: `python {' '.join(sys.argv)}`", "",
-            f"True share of the 10 Imagenette classes among the {len(labels)} val labels: {share:.1f}%.", ""]
-    with open(os.path.join(args.out or args.runs, "prediction_bias.md"), "w") as f:
+            f"Validation: {root} ({len(true)} images). The 10 most trained classes ({crowded.tolist()}) are "
+            f"{torch.isin(true, crowded).float().mean() * 100:.1f}% of its labels.", ""]
+    with open(args.out, "w") as f:
         f.write("\n".join(head + lines) + "\n")
 
 

@@ -10,12 +10,13 @@ The model side of the pipeline lives here:
 """
 from .cost import CostModel
 from .count import Count, count_model
+from .errors import UserInputError
 from .graph import ChannelGraph, ChannelGroup, Member, build_channel_graph
 from .layers import UnsupportedLayerError, register_rule
 from .models import create_model
 from .prune import prune_model, prune_to_widths
 
 __all__ = [
-    "ChannelGraph", "ChannelGroup", "CostModel", "Count", "Member", "UnsupportedLayerError", "build_channel_graph",
-    "count_model", "create_model", "prune_model", "prune_to_widths", "register_rule",
+    "ChannelGraph", "ChannelGroup", "CostModel", "Count", "Member", "UnsupportedLayerError", "UserInputError",
+    "build_channel_graph", "count_model", "create_model", "prune_model", "prune_to_widths", "register_rule",
 ]

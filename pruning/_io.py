@@ -1,15 +1,27 @@
 """Atomic file writes: a reader never sees a half-written result, and a crash leaves the old file intact."""
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import tempfile
 from typing import Any, Callable
 
 import torch
 
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
-    """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, then rename it onto ``path``."""
+    """Call ``write(tmp_path)`` on a temp file in ``path``'s folder, then rename it onto ``path``.
+
+    Whatever goes wrong (a full disk, an interrupt), the temp file is removed and ``path`` keeps its previous
+    content.
+
+    Raises:
+        OSError: ``ENOSPC`` when the disk (or quota) filled up during the write, naming ``path``; anything else
+            ``write`` raised, unchanged.
+    """
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
@@ -18,9 +30,25 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if _disk_full(e):
+            previous = "is unchanged" if os.path.exists(path) else "was not written"
+            raise OSError(errno.ENOSPC, f"no space left on the device while writing {path}; the file {previous}. "
+                                        "Free some space and rerun the same command: the run resumes") from e
         raise
+
+
+def _disk_full(error: BaseException | None) -> bool:
+    """Whether ``error`` or an exception it was raised from is a full disk (torch wraps the OSError in its own)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, OSError) and error.errno in _DISK_FULL:
+            return True
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return False
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -7,12 +7,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
-import torch
 from torch import nn
 
 from ._io import atomic_torch_save, atomic_write_text
+from .errors import UserInputError
 from .export import export_onnx
 from .timm_spec import SpecUnsupportedError, save_timm_format
 
@@ -54,8 +54,12 @@ def update_report(run_dir: str, section: str, values: Mapping[str, Any]) -> dict
 
 
 def save_pruned(model: nn.Module, run_dir: str, base_model: str, img_size: int, keep: Mapping[str, list[int]],
-                stage: str) -> tuple[list[str], str | None]:
+                stage: str, protected: Sequence[str] | None = None) -> tuple[list[str], str | None]:
     """Write the pruned model as timm spec + state_dict, this framework's checkpoint and ``pruned.onnx``.
+
+    The checkpoint holds what :func:`load_pruned` needs to cut the same model from the parent again: the kept
+    channels and the protected-layer patterns the channel graph was built with (``protected``: the graph's
+    ``protected_patterns``; None records the model's defaults).
 
     The ONNX file (dynamic batch, ``img_size`` fixed) is exported from a CPU eval copy, so ``model`` may be on
     any device or in train mode. timm's spec cannot express removed blocks: then the spec files are not
@@ -76,25 +80,45 @@ def save_pruned(model: nn.Module, run_dir: str, base_model: str, img_size: int, 
                 os.remove(stale)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save({"base_model": base_model, "img_size": img_size, "keep": dict(keep), "stage": stage,
-                       "state_dict": state}, ckpt)
+                       "protected": None if protected is None else list(protected), "state_dict": state}, ckpt)
     export_onnx(model, onnx_path, img_size)
     return files + [ckpt, onnx_path], skipped
 
 
-def load_pruned(path: str, parent: nn.Module | None = None) -> tuple[nn.Module, dict]:
+def load_pruned(path: str, parent: nn.Module | None = None, base_model: str | None = None) -> tuple[nn.Module, dict]:
     """Rebuild a pruned model from this framework's checkpoint; returns ``(model, checkpoint metadata)``.
 
     Args:
         path: a ``pruned_checkpoint.pth``.
         parent: the unpruned model to cut from (default: a fresh timm model of the recorded base).
+        base_model: the timm name of ``parent``, when known: a checkpoint cut from another model is refused.
+
+    Raises:
+        UserInputError: the file is missing, unreadable or not such a checkpoint, was cut from another model, or
+            holds weights that do not fit the model it describes (naming the first mismatching key or group) or
+            that are NaN/inf.
     """
     from .graph import build_channel_graph
-    from .models import create_model, read_torch_file
+    from .models import check_state_dict, create_model, read_torch_file
     from .prune import prune_model
 
-    ckpt = read_torch_file(path, "pruned checkpoint", "(re)run the prune stage to write it")
+    fix = "(re)run the prune stage to write it"
+    ckpt = read_torch_file(path, "pruned checkpoint", fix)
+    needed = ("base_model", "img_size", "keep", "state_dict")
+    missing = [k for k in needed if not isinstance(ckpt, dict) or k not in ckpt]
+    if missing:
+        raise UserInputError(f"pruned checkpoint {path!r} is not one of this framework's (no {missing}); {fix} or "
+                             "write it with pruning.artifacts.save_pruned")
+    if base_model is not None and ckpt["base_model"] != base_model:
+        raise UserInputError(f"pruned checkpoint {path!r} was cut from {ckpt['base_model']!r}, not from this run's "
+                             f"model {base_model!r}; set model.name={ckpt['base_model']} or use another run directory")
     parent = parent if parent is not None else create_model(ckpt["base_model"])
-    graph = build_channel_graph(parent, ckpt["img_size"])
-    model = prune_model(parent, graph, ckpt["keep"])
+    graph = build_channel_graph(parent, ckpt["img_size"], ckpt.get("protected"))  # older checkpoints: defaults
+    try:
+        model = prune_model(parent, graph, ckpt["keep"])
+    except (KeyError, ValueError) as e:  # prune_model's checks of the kept channels, naming the group
+        raise UserInputError(f"pruned checkpoint {path!r} does not fit {ckpt['base_model']!r}: "
+                             f"{e.args[0] if e.args else e}; {fix}") from e
+    check_state_dict(model, ckpt["state_dict"], f"pruned checkpoint {path!r}", fix)
     model.load_state_dict(ckpt["state_dict"], strict=True)
     return model.eval(), {k: v for k, v in ckpt.items() if k != "state_dict"}

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Mapping, Sequence
 
 from .cost import Cost
+from .errors import UserInputError
 from .paper import PAPER_CONFIGS
 from .solve import Constraint, allowed_widths, width_multiple
 from .solvers.instance import within_limit
@@ -54,12 +55,12 @@ def _parse_count(spec: str | float | int, parent: int, accepted: str, names: Map
         return names[spec]
     m = _NUMBER.match(str(spec))
     if m is None:
-        raise ValueError(f"malformed budget {spec!r}: expected {accepted}")
+        raise UserInputError(f"malformed budget {spec!r}: expected {accepted}")
     value, suffix = float(m.group(1)), m.group(2).upper()
     if suffix == "%" or (suffix == "" and 0 < value <= 1):
         fraction = value / 100 if suffix == "%" else value
         if not 0 < fraction <= 1:
-            raise ValueError(f"budget {spec!r} is a fraction outside (0, 1]; expected {accepted}")
+            raise UserInputError(f"budget {spec!r} is a fraction outside (0, 1]; expected {accepted}")
         return int(fraction * parent)
     return int(round(value * _SUFFIX[suffix]))
 
@@ -68,19 +69,19 @@ def parse_latency(spec: str | float | int, parent_ms: float) -> float:
     """A latency budget in milliseconds: a time with a unit, or a fraction / percentage of ``parent_ms``.
 
     Raises:
-        ValueError: malformed, a bare number above 1 (no unit), or a fraction outside (0, 1].
+        UserInputError: malformed, a bare number above 1 (no unit), or a fraction outside (0, 1].
     """
     m = _TIME.match(str(spec))
     if m is None or isinstance(spec, bool):
-        raise ValueError(f"malformed latency budget {spec!r}: expected {ACCEPTED_LATENCY}")
+        raise UserInputError(f"malformed latency budget {spec!r}: expected {ACCEPTED_LATENCY}")
     value, unit = float(m.group(1)), (m.group(2) or "").upper()
     if unit in _TIME_MS:
         if value <= 0:
-            raise ValueError(f"latency budget {spec!r} must be positive; expected {ACCEPTED_LATENCY}")
+            raise UserInputError(f"latency budget {spec!r} must be positive; expected {ACCEPTED_LATENCY}")
         return value * _TIME_MS[unit]
     fraction = value / 100 if unit == "%" else value
     if not 0 < fraction <= 1:
-        raise ValueError(
+        raise UserInputError(
             f"latency budget {spec!r} has no unit and is not a fraction in (0, 1]; expected {ACCEPTED_LATENCY} "
             f"(write {spec}ms for milliseconds)"
         )
@@ -97,11 +98,11 @@ def resolve_budget(spec: str | float | int, parent_macs: int) -> Budget:
     """Turn a MACs budget as typed into target MACs for a parent of ``parent_macs`` MACs.
 
     Raises:
-        ValueError: a malformed budget (listing the accepted forms) or one above the parent's MACs.
+        UserInputError: a malformed budget (listing the accepted forms) or one above the parent's MACs.
     """
     macs = _parse_count(spec, parent_macs, ACCEPTED, {k: c.macs for k, c in PAPER_CONFIGS.items()})
     if macs > parent_macs:
-        raise ValueError(
+        raise UserInputError(
             f"budget {spec!r} = {macs:,} MACs exceeds the unpruned model's {parent_macs:,} MACs; nothing to prune. "
             f"Check model.name / model.img_size, or give a smaller budget"
         )
@@ -121,7 +122,8 @@ def params_constraint(spec: str | float | int, cost: Cost) -> Constraint:
     parent = cost()
     limit = _parse_count(spec, parent, ACCEPTED_PARAMS, {})
     if limit > parent:
-        raise ValueError(f"params budget {spec!r} = {limit:,} exceeds the unpruned model's {parent:,}; nothing to prune")
+        raise UserInputError(f"params budget {spec!r} = {limit:,} exceeds the unpruned model's {parent:,}; nothing to "
+                             f"prune. Give a smaller budget: {ACCEPTED_PARAMS}")
     return Constraint(cost, limit, str(spec))
 
 
@@ -131,9 +133,18 @@ def latency_constraint(spec: str | float | int, cost: Cost, parent_ms: float | N
     Args:
         parent_ms: the parent's measured latency that fractions refer to (default: the cost's prediction at
             full widths, which a calibrated table matches).
+
+    Raises:
+        UserInputError: a malformed budget, or a time above the parent's latency (nothing to prune).
     """
     parent = cost() if parent_ms is None else parent_ms
-    return Constraint(cost, parse_latency(spec, parent), str(spec))
+    limit = parse_latency(spec, parent)
+    if limit > parent:
+        raise UserInputError(
+            f"latency budget {spec!r} = {limit:.4g} ms exceeds the unpruned model's {parent:.4g} ms; nothing to prune. "
+            f"Give a smaller budget ({ACCEPTED_LATENCY}), or check model.name / model.img_size / budget.latency_batch"
+        )
+    return Constraint(cost, limit, str(spec))
 
 
 # ---------------------------------------------------------------------------------- feasibility
@@ -159,7 +170,7 @@ def check_feasible(constraints: Sequence[Constraint], groups: Sequence, round_to
     for c in constraints:
         floor, parent = c.cost(low), c.cost()
         if not within_limit(floor, c.limit, c.cost.integral):
-            raise ValueError(
+            raise UserInputError(
                 f"{c.name} budget {c.spec or c.limit!r} = {_fmt(c.limit)} {c.cost.unit} is infeasible: the minimum "
                 f"achievable is {_fmt(floor)} {c.cost.unit} ({floor / parent:.1%} of the parent) with "
                 f"round_to={round_to}, min_keep_fraction={min_keep_fraction}"

@@ -120,7 +120,7 @@ class Interpolated:
         widths = np.broadcast_arrays(*[np.asarray(w, dtype=np.float64) for w in widths])
         axes = [self._axis(k) for k in range(len(self.groups))]
         table = np.asarray(self.values, dtype=np.float64)
-        for k, (grid, zero) in enumerate(axes):
+        for k, (_grid, zero) in enumerate(axes):
             if zero:
                 table = np.concatenate([np.zeros_like(table.take([0], axis=k)), table], axis=k)
         out = np.zeros(widths[0].shape if widths else ())
@@ -251,7 +251,9 @@ def _gate_removable(terms: list, model: nn.Module, graph: ChannelGraph) -> list:
 
     for block in removable_blocks(model, graph):
         gate = (block.stream, block.inner[0])
-        inside = lambda t: t.layer.startswith(block.module + ".") and t.groups == (block.stream,)  # noqa: E731
+        def inside(t, block=block) -> bool:
+            return t.layer.startswith(block.module + ".") and t.groups == (block.stream,)
+
         terms = [Gated(gate, t.coef, 0, t.layer) if isinstance(t, Linear) and inside(t) else t for t in terms]
         if find_block_rule(model.get_submodule(block.module)).post_add is not None:  # not folded: a bias stays
             terms.append(Gated(gate, 0, 1, f"{block.module} (bias when removed)"))

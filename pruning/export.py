@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ._io import atomic_write
+from .errors import MissingPackageError
 
 if TYPE_CHECKING:
     import numpy as np
@@ -41,7 +42,7 @@ OUTPUT_NAME = "logits"
 
 
 def require(package: str) -> Any:
-    """Import ``package`` or raise an ImportError that names it and the command that installs it.
+    """Import ``package`` or raise a :class:`MissingPackageError` (an ImportError) naming it and its install command.
 
     Args:
         package: ``onnx``, ``onnxruntime`` or ``onnxscript``.
@@ -52,7 +53,7 @@ def require(package: str) -> Any:
     try:
         return importlib.import_module(package)
     except ImportError as e:
-        raise ImportError(
+        raise MissingPackageError(
             f"ONNX export / ONNX Runtime needs the package {package!r}, which is not importable ({e}). "
             f"Install it with `pip install {package}` (or reinstall this project: `pip install -e .`)"
         ) from e

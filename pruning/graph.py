@@ -24,7 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from .layers import ChannelMap, LayerCost, UnsupportedLayerError, find_rule
 
@@ -213,6 +213,16 @@ def _shape(node: fx.Node) -> tuple[int, ...] | None:
     return tuple(meta.shape) if meta is not None and hasattr(meta, "shape") else None
 
 
+def _returns_several_tensors(node: fx.Node) -> bool:
+    """True when ``node`` returns a tuple/list/dict holding tensors rather than one tensor.
+
+    ShapeProp stores one :class:`TensorMetadata` for a tensor, a container of them for several, and nothing
+    for values without tensors (ints, ``torch.Size``): shape queries are therefore not counted.
+    """
+    meta = node.meta.get("tensor_meta")
+    return meta is not None and not isinstance(meta, TensorMetadata)
+
+
 def _scope(node: fx.Node) -> str:
     """The innermost module ``node`` runs in ("" at the top level)."""
     if node.op == "call_module":
@@ -242,8 +252,42 @@ class _Discovery:
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
+            if node.op in ("call_module", "call_function", "call_method"):
+                self._check_operands(node)
+                if _returns_several_tensors(node) and self._channel_inputs(node):
+                    self._on_channel_split(node)
+                    continue
             handler = getattr(self, f"_on_{node.op}")
             handler(node)
+
+    # -- guards: every tensor that carries channels must be modelled, or discovery stops
+    def _on_channel_split(self, node: fx.Node) -> None:
+        """A node that turns a channel tensor into several tensors (chunk, split, unbind, a tuple-returning
+        layer). Its outputs would get no channel class and later ops would silently ignore them, so the
+        dependency between the pieces and their producer would be lost: reject until splits are modelled."""
+        raise UnsupportedLayerError(
+            f"{_where(node)} splits the channel tensor into several outputs (chunk/split/unbind); "
+            "channel splits are not supported yet"
+        )
+
+    def _check_operands(self, node: fx.Node) -> None:
+        """Reject a node that consumes a tensor without a channel class (it came from an unmodelled node).
+
+        Every op rule looks only at operands with a channel class; an unmodelled operand would be skipped and
+        its channel tie lost. Scalar-like tensors (one element) scale every channel alike, so they may pass.
+        """
+        for arg in _flatten_nodes((node.args, node.kwargs)):
+            shape = _shape(arg)
+            if arg not in self.chan and shape is not None and math.prod(shape) > 1:
+                raise UnsupportedLayerError(
+                    f"{_where(node)} uses tensor {arg.name!r} of shape {shape}, produced by an operation the "
+                    "channel-group discovery does not model; its channels are unknown, so pruning through it "
+                    "could silently break the model"
+                )
+
+    def _channel_inputs(self, node: fx.Node) -> list[fx.Node]:
+        """The node's operands that carry channels (have a channel class), in argument order."""
+        return [a for a in _flatten_nodes(node.args) + _flatten_nodes(node.kwargs) if a in self.chan]
 
     # -- node kinds
     def _on_placeholder(self, node: fx.Node) -> None:
@@ -301,9 +345,9 @@ class _Discovery:
 
     # -- ops
     def _on_op(self, node: fx.Node, target: Any, is_method: bool) -> None:
-        tensor_inputs = [a for a in _flatten_nodes(node.args) + _flatten_nodes(node.kwargs) if a in self.chan]
+        tensor_inputs = self._channel_inputs(node)
         if _shape(node) is None or not tensor_inputs:
-            return  # shape queries and other non-tensor values carry no channels
+            return  # shape queries and other non-tensor values carry no channels (splits were rejected in run)
         where = _where(node)
         if target in (_BINARY_METHODS if is_method else _BINARY):
             return self._broadcast(node, tensor_inputs, where)
@@ -361,7 +405,7 @@ class _Discovery:
             raise UnsupportedLayerError(f"{where} reshapes {a} to {b}, mixing channels with other dims")
 
     def _single_input(self, node: fx.Node, where: str) -> fx.Node:
-        inputs = [a for a in _flatten_nodes(node.args) + _flatten_nodes(node.kwargs) if a in self.chan]
+        inputs = self._channel_inputs(node)
         if len(inputs) != 1:
             raise UnsupportedLayerError(f"{where}: expected one tensor input, got {len(inputs)}")
         return inputs[0]
@@ -388,7 +432,7 @@ def _class_names(d: _Discovery) -> dict[int, str]:
     """Root channel class -> group name (the first layer producing it, or ``input``)."""
     find = d.classes.find
     names: dict[int, str] = {}
-    for module, cmap, out_c, in_c, _ in d.layers:
+    for module, cmap, out_c, _in_c, _ in d.layers:
         if cmap is ChannelMap.MIX:
             names.setdefault(find(out_c), module)
     for c in d.fixed:

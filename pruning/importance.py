@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from . import distributed as D
 from ._io import atomic_torch_save
+from .errors import UserInputError
 from .graph import ChannelGraph
 
 Scores = dict[str, torch.Tensor]
@@ -43,7 +44,7 @@ def register_importance(cls: type["Importance"]) -> type["Importance"]:
 def create_importance(name: str, **kwargs: Any) -> "Importance":
     """The criterion registered as ``name``, with a clear error listing the known names."""
     if name not in IMPORTANCES:
-        raise ValueError(f"unknown importance criterion {name!r}; choose one of {sorted(IMPORTANCES)}")
+        raise UserInputError(f"unknown importance criterion {name!r}; choose one of {sorted(IMPORTANCES)}")
     return IMPORTANCES[name](**kwargs)
 
 
@@ -133,7 +134,7 @@ class _DataImportance(Importance):
 
     def _batches(self, batches: Batches | None):
         if batches is None:
-            raise ValueError(f"importance criterion {self.name!r} needs images; give a data loader (data.root)")
+            raise UserInputError(f"importance criterion {self.name!r} needs images; give a data loader (data.root)")
         world = D.world_size()
         limit = -(-self.num_images // world)  # this rank's share
         bar = tqdm(total=limit, desc=f"importance ({self.name})", unit="img", disable=not self.progress or not D.is_main())
@@ -245,14 +246,35 @@ def save_scores(path: str, scores: Mapping[str, torch.Tensor], meta: Mapping[str
     atomic_torch_save({"scores": {k: v.cpu() for k, v in scores.items()}, "meta": dict(meta)}, path)
 
 
+class ScoresFileError(UserInputError):
+    """A scores file that cannot be used; ``problem`` says why, the message adds the fix (delete it)."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(f"{problem}; delete the file to recompute the scores")
+        self.problem = problem
+
+
 def load_scores(path: str, graph: ChannelGraph, expected_meta: Mapping[str, Any] | None = None) -> Scores:
-    """Read scores saved by :func:`save_scores`, checking they fit ``graph`` and ``expected_meta``."""
-    obj = torch.load(path, map_location="cpu", weights_only=True)
+    """Read scores saved by :func:`save_scores`, checking they fit ``graph`` and ``expected_meta``.
+
+    Raises:
+        ScoresFileError: the file is unreadable, truncated or not a scores file, was computed with other settings
+            than ``expected_meta``, does not fit ``graph``'s prunable groups, or holds non-finite or negative
+            scores. The message names the file; deleting it recomputes the scores.
+    """
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+        meta, scores = obj["meta"], obj["scores"]
+        found = {k: len(v) for k, v in scores.items()}
+    except Exception as e:  # truncated zip, not a torch file, or another structure: all mean "not usable"
+        raise ScoresFileError(f"scores file {path!r} is corrupt or truncated ({type(e).__name__}: {e})") from e
     for key, value in (expected_meta or {}).items():
-        if obj["meta"].get(key) != value:
-            raise ValueError(f"scores in {path!r} were computed with {key}={obj['meta'].get(key)!r}, not {value!r}")
+        if meta.get(key) != value:
+            raise ScoresFileError(f"scores in {path!r} were computed with {key}={meta.get(key)!r}, not {value!r}")
     widths = {g.name: g.width for g in graph.prunable_groups()}
-    found = {k: len(v) for k, v in obj["scores"].items()}
     if found != widths:
-        raise ValueError(f"scores in {path!r} do not match the model's prunable groups; delete the file to recompute")
-    return obj["scores"]
+        raise ScoresFileError(f"scores in {path!r} do not match the model's prunable groups")
+    bad = next((k for k, v in scores.items() if not (torch.isfinite(v).all() and (v >= 0).all())), None)
+    if bad is not None:
+        raise ScoresFileError(f"scores in {path!r} are not finite and >= 0, first in group {bad!r}")
+    return scores

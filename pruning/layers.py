@@ -20,6 +20,8 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from .errors import UserInputError
+
 
 class ChannelMap(enum.Enum):
     """How a layer's output channels relate to its input channels."""
@@ -42,7 +44,7 @@ class LayerCost:
     params_per_out: int = 0
 
 
-class UnsupportedLayerError(ValueError):
+class UnsupportedLayerError(UserInputError):
     """A layer or operation whose channel semantics are unknown: pruning through it could be silently wrong."""
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+from .errors import MissingPackageError
+
 
 class NullLogger:
     """Logs nothing (``logger=none``)."""
@@ -31,7 +33,11 @@ class WandbLogger(NullLogger):
         self.project, self.mode, self.run = project, mode, None
 
     def start(self, run_dir: str, config: Mapping[str, Any], name: str) -> None:
-        import wandb
+        try:
+            import wandb
+        except ImportError as e:
+            raise MissingPackageError(f"logger=wandb needs the wandb package ({e}): pip install wandb, or run with "
+                                      "logger=none") from e
 
         os.makedirs(run_dir, exist_ok=True)
         self.run = wandb.init(project=self.project, mode=self.mode, dir=run_dir, config=dict(config), name=name,

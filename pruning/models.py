@@ -3,22 +3,23 @@ from __future__ import annotations
 
 import difflib
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import timm
 import torch
 from torch import nn
 
+from .errors import MissingInputError, UserInputError
 from .weights import LITE_WEIGHTS
 
 
 def check_model_name(name: str) -> None:
-    """Raise a ValueError naming ``name`` and close timm names when timm does not know it."""
+    """Raise a :class:`UserInputError` naming ``name`` and close timm names when timm does not know it."""
     if timm.is_model(name):
         return
     close = difflib.get_close_matches(name, timm.list_models(), n=5, cutoff=0.6)
     hint = f" Did you mean one of {close}?" if close else ""
-    raise ValueError(f"unknown timm model {name!r}.{hint} `timm.list_models('*pattern*')` lists the valid names.")
+    raise UserInputError(f"unknown timm model {name!r}.{hint} `timm.list_models('*pattern*')` lists the valid names.")
 
 
 def create_model(name: str, pretrained: bool = False, checkpoint: str | None = None, **kwargs: Any) -> nn.Module:
@@ -29,31 +30,80 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | None = N
         pretrained: download timm's weights (needs the hub; use ``checkpoint`` offline).
         checkpoint: path of a state_dict (or a dict holding one under ``state_dict``/``model``).
         **kwargs: passed to ``timm.create_model``.
+
+    Raises:
+        UserInputError: an unknown name, or a checkpoint that is missing, unreadable, of another architecture
+            or holding NaN/inf (the message names the first offending key).
     """
     check_model_name(name)
     model = timm.create_model(name, pretrained=pretrained, **kwargs)
     if checkpoint is not None:
-        model.load_state_dict(load_state_dict(checkpoint), strict=True)
+        state = load_state_dict(checkpoint)
+        check_state_dict(model, state, f"model.checkpoint {checkpoint!r}",
+                         f"give a state_dict of timm's {name!r} (model.name={name}) or set model.name to its model")
+        model.load_state_dict(state, strict=True)
     return model.eval()
 
 
 def read_torch_file(path: str, what: str, fix: str) -> object:
-    """``torch.load`` (weights only) with errors that name ``what`` and ``path`` and say ``fix``."""
+    """``torch.load`` (weights only) with errors that name ``what`` and ``path`` and say ``fix``.
+
+    Raises:
+        MissingInputError: no file at ``path``.
+        UserInputError: the file is not a torch file, is truncated, or holds objects other than tensors and
+            plain containers.
+    """
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{what} {path!r} does not exist; {fix}")
+        raise MissingInputError(f"{what} {path!r} does not exist; {fix}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{what} {path!r} could not be read ({e}); {fix}") from e
+        raise UserInputError(f"{what} {path!r} could not be read ({type(e).__name__}: {e}); {fix}") from e
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    """Read a state_dict from ``path``, with an error naming the path if it is missing or corrupt."""
-    obj = read_torch_file(path, "checkpoint", "pass an existing torch state_dict file")
+    """Read a state_dict from ``path``, with an error naming the path if it is missing, corrupt or not one."""
+    fix = "pass an existing torch state_dict file (model.checkpoint=/path/to/weights.pth)"
+    obj = read_torch_file(path, "checkpoint", fix)
     for key in ("state_dict", "model", "state_dict_ema"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            return obj[key]
-    return obj
+            obj = obj[key]
+            break
+    if not isinstance(obj, Mapping) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserInputError(f"checkpoint {path!r} holds a {type(obj).__name__}, not a state_dict (names -> tensors), "
+                             f"nor a dict with one under 'state_dict', 'model' or 'state_dict_ema'; {fix}")
+    return dict(obj)
+
+
+def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: str, fix: str) -> None:
+    """Check that ``state`` loads strictly into ``model`` and holds finite values only.
+
+    Args:
+        model: the model the weights are for.
+        state: the weights (names -> tensors).
+        what: the weights as the user knows them, e.g. ``"model.checkpoint '/w.pth'"``.
+        fix: what to do about a mismatch (the non-finite case says its own fix).
+
+    Raises:
+        UserInputError: naming the first key (in the model's order) that is missing or of another shape, else the
+            first key the model does not have, else the first tensor holding NaN or inf.
+    """
+    expected = model.state_dict()
+    for key, ref in expected.items():
+        if key not in state:
+            raise UserInputError(f"{what} does not fit {type(model).__name__}: it has no {key!r} "
+                                 f"(shape {tuple(ref.shape)}); the weights are of another architecture. {fix}")
+        if tuple(state[key].shape) != tuple(ref.shape):
+            raise UserInputError(f"{what} does not fit {type(model).__name__}: {key!r} has shape "
+                                 f"{tuple(state[key].shape)}, the model's is {tuple(ref.shape)}. {fix}")
+    unexpected = [k for k in state if k not in expected]
+    if unexpected:
+        raise UserInputError(f"{what} does not fit {type(model).__name__}: the model has no {unexpected[0]!r} "
+                             f"({len(unexpected)} unexpected keys); the weights are of another architecture. {fix}")
+    for key, value in state.items():
+        if value.is_floating_point() and not torch.isfinite(value).all():
+            raise UserInputError(f"{what} holds NaN or inf values, first in {key!r}; the weights are broken (a "
+                                 "diverged training run or a damaged file): use an earlier or another checkpoint")
 
 
 PACKAGE_PREFIX = "package:"
@@ -66,7 +116,7 @@ def package_model(name: str, checkpoint: str | None) -> str | None:
     """The timm model a ``package:...`` checkpoint holds weights for (None for other checkpoints).
 
     Raises:
-        ValueError: an unknown ``package:`` checkpoint, or one holding the weights of another model than
+        UserInputError: an unknown ``package:`` checkpoint, or one holding the weights of another model than
             ``name``; the message names the value, the accepted forms and the fix.
     """
     if checkpoint is None or not checkpoint.startswith(PACKAGE_PREFIX):
@@ -74,14 +124,14 @@ def package_model(name: str, checkpoint: str | None) -> str | None:
     accepted = ", ".join(f"{k} (model={v})" for k, v in LITE_PACKAGES.items())
     owner = LITE_PACKAGES.get(checkpoint)
     if owner is None:
-        raise ValueError(
+        raise UserInputError(
             f"model.checkpoint={checkpoint!r} is not a known weights package; accepted: {accepted}, "
             "or a local state_dict path"
         )
     if owner != name:
         fix = next((k for k, v in LITE_PACKAGES.items() if v == name), None)
         hint = f"use model.checkpoint={fix}" if fix else "give a local state_dict path or model.checkpoint=null"
-        raise ValueError(
+        raise UserInputError(
             f"model.checkpoint={checkpoint} holds {owner} weights, not {name!r} (accepted: {accepted}); "
             f"set model={owner} or {hint}"
         )
@@ -118,7 +168,7 @@ def check_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
     elif checkpoint is not None:
         load_state_dict(checkpoint)
     elif pretrained and not _hub_weights_reachable(name):
-        raise ValueError(
+        raise UserInputError(
             f"the pretrained weights of {name!r} are not in the local cache and timm's weight hub cannot be reached. "
             "Give a local state_dict with model.checkpoint=/path/to/weights.pth, or model.pretrained=false to "
             "start from random init (enough for the search stages with a data-free criterion such as importance=l1)"

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
 
 from .graph import ChannelGraph
 from .timm_spec import timm_shipped_spec, widths_from_spec

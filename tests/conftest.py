@@ -22,6 +22,9 @@ SMALL = 64  # input size for fast tests
 
 @pytest.fixture(scope="session")
 def model_cache():
+    """Random-init timm models whose norm statistics, affine parameters and biases are random too
+    (:func:`_utils.randomize_norms_and_biases`): a slice with wrong indices then changes the output."""
+    from _utils import randomize_norms_and_biases
     from pruning import create_model
 
     cache: dict[str, torch.nn.Module] = {}
@@ -29,7 +32,7 @@ def model_cache():
     def get(name: str) -> torch.nn.Module:
         if name not in cache:
             torch.manual_seed(0)
-            cache[name] = create_model(name)
+            cache[name] = randomize_norms_and_biases(create_model(name))
         return cache[name]
 
     return get

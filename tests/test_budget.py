@@ -7,6 +7,7 @@ from pruning import CostModel, build_channel_graph, create_model
 from pruning.budget import (check_feasible, latency_constraint, lowest_widths, macs_constraint, params_constraint,
                             parse_latency, resolve_budget)
 from pruning.cost import Cost, Linear
+from pruning.errors import UserInputError
 
 PARENT = 2_000_000_000
 
@@ -67,6 +68,22 @@ def test_params_and_latency_constraints():
     assert latency_constraint("0.6", latency, parent_ms=10.0).limit == pytest.approx(6.0)  # of the measured one
     with pytest.raises(ValueError, match=r"minimum achievable is 0.5 ms \(10.0% of the parent\)"):
         check_feasible([latency_constraint("0.4ms", latency)], [type("G", (), {"name": "a", "width": 10})()])
+
+
+def test_budgets_above_the_parent_are_refused():
+    """Nothing to prune: MACs, params and a latency time above the parent's cost fail, naming both values."""
+    full = {"a": 10}
+    latency = Cost("latency", "ms", [Linear(("a",), 0.5)], full)
+    assert latency_constraint("10ms", latency, parent_ms=10.0).limit == 10.0  # the parent's own latency is allowed
+    with pytest.raises(UserInputError, match=r"latency budget '30ms' = 30 ms exceeds the unpruned model's 10 ms; "
+                                             r"nothing to prune.*8ms"):
+        latency_constraint("30ms", latency, parent_ms=10.0)
+    params = Cost("params", "params", [Linear(("a",), 100)], full, integral=True)
+    with pytest.raises(UserInputError, match=r"params budget '2K' = 2,000 exceeds the unpruned model's 1,000.*3M"):
+        params_constraint("2K", params)
+    with pytest.raises(UserInputError, match=r"budget '3G' = 3,000,000,000 MACs exceeds the unpruned model's "
+                                             r"2,000,000,000 MACs; nothing to prune"):
+        resolve_budget("3G", PARENT)
 
 
 def test_block_removal_lowers_the_minimum():

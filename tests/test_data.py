@@ -6,6 +6,7 @@ from PIL import Image
 
 from conftest import shared_data_dir
 from pruning.data import eval_transform, image_dataset, imagenet_synsets, subset
+from pruning.errors import UserInputError
 from pruning.models import create_model
 
 
@@ -39,6 +40,48 @@ def test_labels_csv(tmp_path):
 def test_bad_data_roots(tmp_path, make, needle):
     with pytest.raises((ValueError, FileNotFoundError), match=needle):
         image_dataset(str(make(tmp_path)))
+
+
+def test_an_empty_class_folder_is_refused(tmp_path):
+    _write_image(tmp_path / "n01440764" / "a.jpg")
+    (tmp_path / "n02102040").mkdir()
+    (tmp_path / "n02102040" / "notes.txt").write_text("no image here")
+    with pytest.raises(UserInputError, match=r"1 empty class folders .*\['n02102040'\].*delete the empty folders"):
+        image_dataset(str(tmp_path))
+
+
+@pytest.mark.parametrize("text,needle", [
+    ("file,label\nimages/x.JPEG,3\n", r"needs the columns 'file' and 'label_index'.*has \['file', 'label'\]"),
+    ("", r"needs the columns 'file' and 'label_index'.*has \[\]"),
+    ("file,label_index\nimages/x.JPEG\n", r"line 2: label_index None is not an ImageNet-1k index"),
+    ("file,label_index\nimages/x.JPEG,\n", r"line 2: label_index '' is not an ImageNet-1k index"),
+    ("file,label_index\nimages/x.JPEG,3\n,4\n", r"line 3: no file name in column 'file'"),
+    ("file,label_index\nimages/x.JPEG,1000\n", r"line 2: label_index '1000' is not an ImageNet-1k index 0\.\.999 or -1"),
+    ("file,label_index\nimages/x.JPEG,3\nimages/gone.jpg,4\n", r"lists 1 files that do not exist.*gone\.jpg"),
+])
+def test_bad_labels_csv_names_the_problem(tmp_path, text, needle):
+    _write_image(tmp_path / "images" / "x.JPEG")
+    (tmp_path / "labels.csv").write_text(text)
+    with pytest.raises(UserInputError, match=needle):
+        image_dataset(str(tmp_path))
+
+
+def test_an_image_that_breaks_later_is_replaced_by_the_next(tmp_path, caplog):
+    """A file that became undecodable after the preflight scan: the next readable sample, every time, logged once."""
+    for i, synset in enumerate(["n01440764", "n02102040", "n02979186"]):
+        _write_image(tmp_path / synset / f"{i}.jpg")
+    ds = image_dataset(str(tmp_path))
+    bad = tmp_path / "n02102040" / "1.jpg"
+    bad.write_bytes(bad.read_bytes()[:50])
+    with caplog.at_level("WARNING", logger="pruning"):
+        labels = [ds[1][1], ds[1][1], ds[0][1]]
+    assert labels == [482, 482, 0]  # sample 2 stands in for sample 1
+    assert sum(str(bad) in r.getMessage() for r in caplog.records) == 1 and ds.replaced == {str(bad)}
+    for synset in ("n01440764", "n02979186"):
+        for f in (tmp_path / synset).iterdir():
+            f.write_bytes(b"")
+    with pytest.raises(UserInputError, match="cannot be decoded"):
+        ds[0]
 
 
 def test_subset_is_deterministic(tmp_path):

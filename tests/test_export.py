@@ -17,7 +17,7 @@ from conftest import SMALL, shared_data_dir
 from pruning import artifacts, build_channel_graph, prune_model
 from pruning.export import MIN_OPSET, export_onnx, ort_runner, ort_session
 
-TOL = 1e-4  # max abs difference of logits, ONNX Runtime vs torch
+TOL = 1e-4  # max difference of logits, ONNX Runtime vs torch, relative to the largest logit (when above 1)
 N_IMAGES = 8
 REAL_SIZE = 128  # small enough for a fast test, large enough for every stride of the network
 
@@ -28,12 +28,13 @@ def _opset(path: str) -> int:
 
 
 def _max_diff(model: nn.Module, session, x: torch.Tensor) -> float:
-    """Max abs difference between torch's and ONNX Runtime's outputs on ``x``."""
+    """Max abs difference between torch's and ONNX Runtime's outputs on ``x``, over max(1, largest |output|):
+    float32 rounding grows with the outputs' scale (random norm statistics make logits of 50 and more)."""
     with torch.no_grad():
         ref = model(x).numpy()
     out = session.run(None, {export.INPUT_NAME: x.numpy()})[0]
     assert out.shape == ref.shape
-    return float(np.abs(out - ref).max())
+    return float(np.abs(out - ref).max() / max(1.0, np.abs(ref).max()))
 
 
 def _val_images(model: nn.Module, n: int, img_size: int) -> torch.Tensor:

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from _utils import random_keep
+from _utils import masked_reference, random_keep, randomize_norms_and_biases
 from conftest import MODELS, SMALL
-from pruning import CostModel, UnsupportedLayerError, build_channel_graph
+from pruning import CostModel, UnsupportedLayerError, build_channel_graph, prune_model
 from pruning.count import count_model
+from pruning.layers import LayerRule, register_rule
 
 
 @pytest.fixture(scope="module")
@@ -177,3 +179,213 @@ def test_graph_building_leaves_model_unchanged(model_cache):
     build_channel_graph(model, SMALL)
     assert model.training and all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     model.eval()
+
+
+# ---------------------------------------------------------------- channel splits and unmodelled tensors (issue 12)
+
+
+class _Net(nn.Module):
+    """conv ``a`` (8 channels) -> ``body`` (a function of the module and ``a``'s output) -> conv ``head``.
+
+    ``b`` (3 -> 4) and ``c`` (8 -> 8) are spare convs a body may use, ``bn`` (8) a norm, and the rest
+    parameter-free modules (fx calls only modules installed in the model)."""
+
+    def __init__(self, body, head_in=8):
+        super().__init__()
+        self.body = body
+        self.a, self.b, self.c = nn.Conv2d(3, 8, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.relu6, self.drop = nn.ReLU6(), nn.Dropout(0.5)
+        self.max_pool, self.amax_pool = nn.MaxPool2d(2), nn.AdaptiveMaxPool2d(2)
+        self.halves, self.twice = _Halves(), _Twice()
+        self.head = nn.Conv2d(head_in, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self, x, self.a(x)))
+
+
+def _chunk(m, x, y):  # issue 12: the halves of ``a`` were not tied to anything
+    y1, y2 = torch.chunk(y, 2, dim=1)
+    return m.b(x) * y1 + y2
+
+
+def _chunk_method(m, x, y):
+    y1, y2 = y.chunk(2, 1)
+    return m.b(x) * y1 + y2
+
+
+def _split(m, x, y):
+    y1, y2 = torch.split(y, [4, 4], dim=1)
+    return m.b(x) + y1 * y2
+
+
+def _split_method(m, x, y):
+    y1, y2 = y.split(4, dim=1)
+    return m.b(x) - y1 + y2
+
+
+def _tensor_split(m, x, y):
+    y1, y2 = torch.tensor_split(y, 2, dim=1)
+    return m.b(x) * y1 + y2
+
+
+def _unbind(m, x, y):
+    parts = torch.unbind(y, dim=1)
+    return m.b(x) * parts[0].unsqueeze(1)
+
+
+def _unmodelled_operand(m, x, y):
+    return y * torch.ones((x.shape[0], 8, 1, 1))  # a tensor made from nothing, tied to ``a``'s channels
+
+
+def _split_of_unmodelled(m, x, y):
+    ones, _ = torch.ones((x.shape[0], 16, 1, 1)).chunk(2, 1)
+    return y * ones
+
+
+class _Halves(nn.Module):
+    """A sub-module returning a tuple of channel slices (traced through: fx sees the slicing)."""
+
+    def forward(self, y):
+        return y[:, :4], y[:, 4:]
+
+
+class _Twice(nn.Module):
+    """A sub-module returning the same tensor twice (traced through: fx sees only the tensor)."""
+
+    def forward(self, y):
+        return y, y
+
+
+class _PairLayer(nn.Module):
+    """A leaf layer (it has a rule) whose output is a tuple: discovery cannot follow its channels."""
+
+    def forward(self, y):
+        return y, y
+
+
+register_rule(_PairLayer)(type("_PairLayerRule", (LayerRule,), {}))
+
+
+@pytest.mark.parametrize("body,node", [
+    (_chunk, "chunk"), (_chunk_method, "chunk"), (_split, "split"), (_split_method, "split"),
+    (_tensor_split, "tensor_split"), (_unbind, "unbind"),
+])
+def test_channel_splits_are_rejected_naming_the_node(body, node):
+    with pytest.raises(UnsupportedLayerError, match=rf"node '{node}'.*channel splits are not supported"):
+        build_channel_graph(_Net(body, head_in=4), 8, protected=[])
+
+
+def test_layer_returning_a_tuple_is_rejected():
+    net = _Net(lambda m, x, y: m.b(x) * m.pair(y)[0][:, :4], head_in=4)
+    net.pair = _PairLayer()
+    with pytest.raises(UnsupportedLayerError, match=r"node 'pair'.*channel splits are not supported"):
+        build_channel_graph(net, 8, protected=[])
+
+
+@pytest.mark.parametrize("body,node", [(_unmodelled_operand, "mul"), (_split_of_unmodelled, "chunk")])
+def test_operand_without_channel_class_is_rejected(body, node):
+    with pytest.raises(UnsupportedLayerError, match=rf"node '{node}'.*uses tensor .* does not model"):
+        build_channel_graph(_Net(body), 8, protected=[])
+
+
+def test_shape_queries_are_allowed():
+    def body(m, x, y):
+        n, c = y.size(0), y.shape[1]
+        return m.c(y).view(n, c, y.size(2), -1) * (y.dim() - 3)
+
+    graph = build_channel_graph(_Net(body), 8, protected=[])
+    assert graph.groups["a"].prunable and [m.module for m in graph.groups["a"].members] == ["a", "c"]
+
+
+def _se(m, x, y):  # squeeze-excitation: the gate's channels are tied to the gated tensor's
+    gate = m.c(F.relu(y.mean((2, 3), keepdim=True))).sigmoid()
+    return y * gate
+
+
+def _residual(m, x, y):
+    return F.relu(m.bn(m.c(F.relu(y))) + y)
+
+
+_PRUNES = {  # every op the discovery models, each in a small model: pruning must equal masking
+    "relu": lambda m, x, y: F.relu(y),
+    "torch_sigmoid": lambda m, x, y: torch.sigmoid(y),
+    "method_relu": lambda m, x, y: y.relu(),
+    "silu_hardswish_gelu": lambda m, x, y: F.gelu(F.hardswish(F.silu(y))),
+    "tanh_inplace": lambda m, x, y: m.c(y).tanh_(),
+    "module_act_dropout": lambda m, x, y: m.drop(m.relu6(y)),
+    "batchnorm": lambda m, x, y: m.bn(y),
+    "residual": _residual,
+    "residual_add_method": lambda m, x, y: m.c(y).add(m.bn(y)).add_(y),
+    "sub_div_scalars": lambda m, x, y: (m.c(y) * 0.5 + 1.0) / 2 - y,
+    "div_two_tensors": lambda m, x, y: m.c(y) / (m.bn(y).sigmoid() + 1),
+    "se_mean": _se,
+    "se_adaptive_pool": lambda m, x, y: y * torch.sigmoid(m.c(F.adaptive_avg_pool2d(y, 1))),
+    "mul_by_spatial_max": lambda m, x, y: y * torch.amax(m.c(y), dim=(2, 3), keepdim=True),
+    "mul_by_spatial_sum": lambda m, x, y: y * torch.sum(y, dim=[-1, -2], keepdim=True),
+    "pools": lambda m, x, y: F.avg_pool2d(F.max_pool2d(m.c(y), 2), 2, ceil_mode=True),
+    "pool_modules": lambda m, x, y: m.amax_pool(m.max_pool(y)),
+    "clone_contiguous": lambda m, x, y: m.c(y.clone()).contiguous(),
+    "tuple_module_traced_through": lambda m, x, y: (lambda p: p[0] * m.c(p[1]))(m.twice(y)),
+}
+_HEADS = {  # pooled heads: mean, pool + flatten/view/reshape into a linear layer
+    "mean_linear": lambda m, y: y.mean((2, 3)),
+    "pool_flatten": lambda m, y: torch.flatten(F.adaptive_avg_pool2d(y, 1), 1),
+    "pool_view": lambda m, y: F.adaptive_avg_pool2d(y, 1).view(y.size(0), -1),
+    "pool_reshape_method": lambda m, y: m.gap(y).reshape(y.shape[0], -1),
+    "pool_flatten_method": lambda m, y: m.gap(y).flatten(1),
+    "pool_flatten_module": lambda m, y: m.flat(m.gap(y)),
+}
+_HEAD_IN = {"chunk": 4, "split": 4, "tensor_split": 4, "unbind": 4, "slice_halves_module": 4, "cat": 12}
+_RAISES = {
+    "chunk": _chunk, "split": _split, "tensor_split": _tensor_split, "unbind": _unbind,
+    "unmodelled_operand": _unmodelled_operand,
+    "slice_halves_module": lambda m, x, y: (lambda p: p[0] * p[1])(m.halves(y)),
+    "flatten_channels_with_space": lambda m, x, y: torch.flatten(y, 1).view(x.shape[0], 8, 8, 8),
+    "cat": lambda m, x, y: torch.cat([y, m.b(x)], 1),
+}
+
+
+class _LinearHead(nn.Module):
+    def __init__(self, pool):
+        super().__init__()
+        self.pool, self.a, self.c, self.fc = pool, nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 5)
+        self.gap, self.flat = nn.AdaptiveAvgPool2d((1, 1)), nn.Flatten()
+
+    def forward(self, x):
+        return self.fc(self.pool(self, self.c(F.relu(self.a(x)))))
+
+
+def _construct(kind: str, name: str) -> nn.Module:
+    torch.manual_seed(0)
+    if kind == "head":
+        return _LinearHead(_HEADS[name])
+    body = {**_PRUNES, **_RAISES}[name]
+    return _Net(body, head_in=_HEAD_IN.get(name, 8))
+
+
+_CONSTRUCTS = (
+    [pytest.param("body", n, True, id=n) for n in _PRUNES]
+    + [pytest.param("head", n, True, id=f"head_{n}") for n in _HEADS]
+    + [pytest.param("body", n, False, id=f"raises_{n}") for n in _RAISES]
+)
+
+
+@pytest.mark.parametrize("kind,name,supported", _CONSTRUCTS)
+def test_every_construct_raises_or_prunes_exactly(kind, name, supported):
+    """The discovery's contract: a model is rejected at build time, or pruning it equals masking it."""
+    model = randomize_norms_and_biases(_construct(kind, name), seed=1, img_size=8)
+    try:
+        graph = build_channel_graph(model, 8, protected=[])
+    except UnsupportedLayerError:
+        assert not supported, "a supported construct was rejected"
+        return
+    assert supported, "an unsupported construct was accepted"
+    keep = random_keep(graph, seed=3)
+    assert keep and all(len(idx) < graph.groups[g].width for g, idx in keep.items())
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = masked_reference(model, graph, keep).eval()(x)
+        got = prune_model(model, graph, keep).eval()(x)
+    assert got.shape == expected.shape
+    assert (got - expected).abs().max().item() <= 1e-5 * max(1.0, expected.abs().max().item())

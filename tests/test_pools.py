@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,36 @@ def test_several_roots_and_teacher_only_labels(tmp_path):
     assert pool.summary()["classes"] == 2 and pool.summary()["roots"][1]["images"] == 3
 
 
+def _break(path, how: str) -> None:
+    """Make the image at ``path`` undecodable: cut off half of it, or replace it with bytes that are no image."""
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2] if how == "truncate" else b"not an image" * 10)
+
+
+def test_undecodable_images_are_left_out_listed_and_cached(tmp_path):
+    """A truncated JPEG in the pool and a garbage file in the val set: dropped and listed by the scan (with or
+    without a val set), never a copy of anything, and the cached scan (and a corrupt cache file) agree."""
+    from pruning.pools import _thumbnail_cache, readable_images, thumbnails
+
+    val = _csv_folder(tmp_path / "val", [1, 2], [1, 2])
+    pool = _csv_folder(tmp_path / "pool", [3, 4, 5], [3, 4, 5])
+    _break(pool / "images" / "1.jpg", "truncate")
+    _break(val / "images" / "0.jpg", "garbage")
+    cache = str(tmp_path / "cache")
+    val_set, bad_val = readable_images(image_dataset(str(val)), cache, progress=False)
+    assert bad_val == [str(val / "images" / "0.jpg")] and [label for _, label in val_set.samples] == [2]
+    for exclude in (val_set, None):
+        result = training_pool([str(pool)], exclude, cache, progress=False, scan=True)
+        assert result.unreadable == [str(pool / "images" / "1.jpg")] and result.labels() == [3, 5]
+        assert result.excluded == [] and result.summary()["unreadable_images"] == 1
+    assert training_pool([str(pool)]).unreadable == []  # no scan asked for: the images are not even opened
+    paths = [p for p, _ in image_dataset(str(pool)).samples]
+    cached = Path(_thumbnail_cache(paths, cache))
+    cached.write_bytes(cached.read_bytes()[:40])  # a truncated cache file is recomputed and rewritten
+    assert thumbnails(paths, cache, progress=False)[1] == [1]
+    assert np.load(cached)["unreadable"].tolist() == [1]
+
+
 @pytest.mark.parametrize("bad", ["1000", "-2", "cat"])
 def test_labels_outside_imagenet_are_refused(tmp_path, bad):
     root = _csv_folder(tmp_path / "a", [1], [1])
@@ -147,7 +178,8 @@ def test_pipeline_pools_exclusion_label_free_and_honest_validation(tmp_path):
     pool = report["data"]["pool"]
     assert (pool["images"], pool["labelled"], pool["excluded_val_copies"]) == (17, 12, 1)
     assert pool["excluded"][0]["pool"].endswith("b/images/5.jpg") and report["data"]["ce_weight"] == 0.0
-    assert report["validate"]["dataset"] == {"root": str(val), "images": 3, "classes": 3}
+    assert report["validate"]["dataset"] == {"root": str(val), "images": 3, "classes": 3, "unreadable_images": 0,
+                                             "unreadable": []}
     assert any("covers 3 of ImageNet's 1000 classes" in w for w in report["validate"]["warnings"])
     assert report["finetune"]["steps"] == 17 // 4 and report["finetune"]["resumed_from"] is None
     assert [step for step, _ in report["finetune"]["val_curve"]] == [2, 4]  # every 2 updates, and after the last

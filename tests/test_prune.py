@@ -101,3 +101,20 @@ def test_resnet_classifier_width_follows_last_stage(model_cache, graph_of):
 def test_bad_keep_is_rejected(model_cache, graph_of, keep, error, needle):
     with pytest.raises(error, match=needle):
         prune_model(model_cache("efficientnet_b0"), graph_of("efficientnet_b0"), keep)
+
+
+@pytest.mark.parametrize("name", ["efficientnet_b0", "resnet18"])
+def test_equivalence_sees_norm_and_bias_slicing_errors(model_cache, graph_of, name):
+    """Guards the equivalence test: a norm or bias sliced with the wrong indices changes the output, because the
+    cached models' norms and biases are random (a fresh timm model's are not)."""
+    model, graph = model_cache(name), graph_of(name)
+    keep = random_keep(graph, seed=2)
+    x = _images()
+    with torch.no_grad():
+        expected = masked_reference(model, graph, keep).eval()(x)
+        for tensor in ("running_var", "running_mean", "bias"):
+            pruned = prune_model(model, graph, keep).eval()
+            norm = next(m for m in pruned.modules() if isinstance(m, torch.nn.BatchNorm2d) and m.num_features > 1)
+            values = getattr(norm, tensor)
+            values.copy_(values.roll(1))  # the slice of the neighbouring channels
+            assert (pruned(x) - expected).abs().max() > 1e-4 * expected.abs().max(), tensor

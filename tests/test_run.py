@@ -1,6 +1,7 @@
 """The Hydra app: config composition, the search pipeline end to end, reuse across budgets, and errors."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -13,6 +14,7 @@ from hydra import compose, initialize_config_dir
 from timm.models._prune import adapt_model_from_string
 
 from pruning import artifacts
+from pruning.errors import UserInputError
 from pruning.loggers import NullLogger
 from pruning.pipeline import Run
 
@@ -117,9 +119,10 @@ def _preflight(tmp_path, *overrides):
     (["budget.latency=0.6", "budget.latency_batch=0"], "batch must be an integer >= 1"),
     (["budget.target=null"], "no budget"),
     (["budget.params=9G"], "exceeds the unpruned model"),
+    (["budget.target=9G"], "exceeds the unpruned model's"),
 ])
 def test_bad_input_fails_in_preflight(tmp_path, overrides, needle):
-    with pytest.raises((ValueError, FileNotFoundError)) as err:
+    with pytest.raises(UserInputError) as err:  # every one is an input error: exit code 2, no traceback
         _preflight(tmp_path, *overrides)
     assert needle in str(err.value)
 
@@ -189,12 +192,217 @@ def test_cli_paper_budget_search_only(tmp_path):
     assert count_model(model, 240).macs == report["model"]["macs_after"]
 
 
-@pytest.mark.parametrize("overrides,needle", [
-    (["solver.time_limt=3"], "time_limt"),
-    (["budget.target=lots"], "malformed budget 'lots'"),
+@pytest.mark.parametrize("overrides,needle,code", [
+    (["solver.time_limt=3"], "time_limt", 1),  # Hydra's own config error
+    (["budget.target=lots"], "error: malformed budget 'lots'", 2),  # an input error: one paragraph
 ])
-def test_cli_errors_exit_nonzero_with_a_message(tmp_path, overrides, needle):
+def test_cli_errors_exit_nonzero_with_a_message(tmp_path, overrides, needle, code):
     proc = _cli(tmp_path, "model.pretrained=false", "importance=l1", "logger=none", *overrides)
-    assert proc.returncode != 0
+    assert proc.returncode == code
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
+    if code == 2:
+        assert proc.stderr.count("error:") == 1
+
+
+def test_cli_internal_error_exits_1_with_its_traceback(tmp_path):
+    """A bug (here a KeyError raised inside the pipeline) is not an input error: its traceback is shown."""
+    script = ("import runpy, sys; from pruning.pipeline import Run\n"
+              "def bug(self): raise KeyError('an internal key that a bug forgot')\n"
+              "Run.preflight = bug\n"
+              "sys.argv = ['pruning.run', *sys.argv[1:]]\n"
+              "runpy.run_module('pruning.run', run_name='__main__', alter_sys=True)\n")  # as python -m pruning.run
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
+    proc = subprocess.run([sys.executable, "-c", script, "model.pretrained=false", "logger=none",
+                           f"hydra.run.dir={tmp_path / 'cli'}", f"paths.cache_dir={tmp_path / 'cache'}"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" in proc.stderr and "in bug" in proc.stderr
+    assert "KeyError: 'an internal key that a bug forgot'" in proc.stderr and "error: " not in proc.stderr
+
+
+def test_only_input_errors_become_a_message_and_exit_code_2(capsys, monkeypatch):
+    from pruning.run import exit_on_user_error
+
+    def fail(error: Exception):
+        def body():
+            raise error
+        return body
+
+    monkeypatch.delenv("HYDRA_FULL_ERROR", raising=False)
+    assert exit_on_user_error(lambda: 7) == 7
+    with pytest.raises(SystemExit) as done:
+        exit_on_user_error(fail(UserInputError("budget 'x' is malformed; give 0.5")))
+    assert done.value.code == 2
+    assert capsys.readouterr().err == "error: budget 'x' is malformed; give 0.5\n"
+    for bug in (ValueError("an internal invariant"), KeyError("k"), ImportError("no module"), RuntimeError("r")):
+        with pytest.raises(type(bug)):  # propagates: Hydra prints its traceback and exits 1
+            exit_on_user_error(fail(bug))
+    assert capsys.readouterr().err == ""
+    monkeypatch.setenv("HYDRA_FULL_ERROR", "1")  # debugging: the traceback of the check, still exit code 2
+    with pytest.raises(SystemExit) as done:
+        exit_on_user_error(fail(UserInputError("bad")))
+    err = capsys.readouterr().err
+    assert done.value.code == 2 and "Traceback" in err and err.endswith("error: bad\n")
+
+
+def _tiny_train_cfg(tmp_path, data, *overrides):
+    return _compose("model.name=resnet18", "model.img_size=32", "model.pretrained=false", "importance=l1",
+                    "budget.target=0.5", "logger=none", f"data.root={data}", "data.workers=0", "trainer.epochs=1",
+                    "trainer.max_steps=2", "trainer.batch_size=4", "trainer.warmup_epochs=0", "trainer.amp=null",
+                    "trainer.channels_last=false", f"paths.cache_dir={tmp_path}/cache", *overrides)
+
+
+def test_a_pruned_model_keeps_its_protection_through_later_stages(tmp_path):
+    """Pruned with model.protected=[] (the stem is pruned), then fine-tuned and validated by a run with the
+    default protection and no solution.json: the checkpoint carries its protection and its kept channels."""
+    from test_distill_helpers import write_images
+
+    data, run_dir = write_images(str(tmp_path / "images"), per_class=6), str(tmp_path / "run")
+    first = Run(_tiny_train_cfg(tmp_path, data, "model.protected=[]", "stages=[importance,solve,prune]"), run_dir,
+                NullLogger())
+    first.preflight()
+    first.run()
+    keep = torch.load(tmp_path / "run" / artifacts.CHECKPOINT, weights_only=False)["keep"]
+    assert len(keep["conv1"]) < 64  # resnet18's stem, protected by default, was pruned
+    (tmp_path / "run" / artifacts.SOLUTION).unlink()
+    later = Run(_tiny_train_cfg(tmp_path, data, "stages=[finetune,validate]"), run_dir, NullLogger())
+    later.preflight()
+    report = later.run()
+    assert report["finetune"]["steps"] == 2 and report["validate"]["student"]["top1"] >= 0
+    model, meta = artifacts.load_pruned(str(tmp_path / "run" / artifacts.CHECKPOINT), first.parent)
+    assert meta["stage"] == "finetuned" and meta["protected"] == [] and meta["keep"] == keep
+    assert model.conv1.out_channels == len(keep["conv1"])
+
+
+def test_weights_of_another_architecture_or_with_nan_name_the_first_key(tmp_path):
+    """model.checkpoint: a resnet18 state_dict for efficientnet_b0, another head, a NaN: each names its key."""
+    other = tmp_path / "resnet18.pth"
+    torch.save(timm.create_model("resnet18").state_dict(), other)
+    with pytest.raises(UserInputError, match=r"does not fit EfficientNet: it has no 'conv_stem.weight'.*another "
+                                             r"architecture.*model.name=efficientnet_b0"):
+        _preflight(tmp_path, f"model.checkpoint={other}")
+    head = tmp_path / "head.pth"
+    torch.save({"state_dict": timm.create_model("efficientnet_b0", num_classes=10).state_dict()}, head)
+    with pytest.raises(UserInputError, match=r"'classifier.weight' has shape \(10, 1280\), the model's is "
+                                             r"\(1000, 1280\)"):
+        _preflight(tmp_path, f"model.checkpoint={head}")
+    state = timm.create_model("efficientnet_b0").state_dict()
+    state["blocks.1.0.bn2.running_var"][3] = float("inf")
+    state["blocks.2.0.conv_pw.weight"][0] = float("nan")
+    broken = tmp_path / "nan.pth"
+    torch.save(state, broken)
+    with pytest.raises(UserInputError, match=r"NaN or inf values, first in 'blocks.1.0.bn2.running_var'"):
+        _preflight(tmp_path, f"model.checkpoint={broken}")
+
+
+def _pruned_checkpoint(path) -> dict:
+    """A pruned_checkpoint.pth of resnet18 @32 keeping half of every prunable group (no ONNX export: fast)."""
+    from pruning import build_channel_graph, create_model, prune_model
+
+    parent = create_model("resnet18")
+    graph = build_channel_graph(parent, 32)
+    keep = {g.name: list(range(g.width // 2)) for g in graph.prunable_groups()}
+    ckpt = {"base_model": "resnet18", "img_size": 32, "keep": keep, "stage": "pruned", "protected": None,
+            "state_dict": prune_model(parent, graph, keep).state_dict()}
+    torch.save(ckpt, path)
+    return ckpt
+
+
+def test_a_pruned_checkpoint_that_does_not_fit_names_what(tmp_path):
+    path = str(tmp_path / artifacts.CHECKPOINT)
+    ckpt = _pruned_checkpoint(path)
+    model, meta = artifacts.load_pruned(path, base_model="resnet18")
+    assert model.conv1.out_channels == 64 and meta["stage"] == "pruned"  # the stem is protected by default
+    with pytest.raises(UserInputError, match=r"was cut from 'resnet18', not from this run's model 'resnet50'; "
+                                             r"set model.name=resnet18"):
+        artifacts.load_pruned(path, base_model="resnet50")
+    cases = [
+        (lambda c: c["state_dict"].pop("layer2.0.conv1.weight"), r"it has no 'layer2.0.conv1.weight'"),
+        (lambda c: c["state_dict"].__setitem__("layer2.0.bn1.weight", torch.ones(7)),
+         r"'layer2.0.bn1.weight' has shape \(7,\), the model's is \(64,\)"),
+        (lambda c: c["state_dict"].__setitem__("extra.weight", torch.ones(1)), r"the model has no 'extra.weight'"),
+        (lambda c: c["state_dict"]["fc.weight"].fill_(float("nan")), r"NaN or inf values, first in 'fc.weight'"),
+        (lambda c: c["keep"].__setitem__("blocks.0.conv", [0]), r"does not fit 'resnet18': unknown channel group "
+                                                                r"'blocks.0.conv'"),
+        (lambda c: c.pop("keep"), r"is not one of this framework's \(no \['keep'\]\)"),
+    ]
+    for damage, needle in cases:
+        broken = {k: (dict(v) if isinstance(v, dict) else v) for k, v in ckpt.items()}
+        broken["state_dict"] = {k: v.clone() for k, v in ckpt["state_dict"].items()}
+        damage(broken)
+        torch.save(broken, path)
+        with pytest.raises(UserInputError, match=needle):
+            artifacts.load_pruned(path)
+
+
+def test_fewer_images_than_one_batch_fail_in_preflight(tmp_path):
+    from test_distill_helpers import write_images
+
+    data = write_images(str(tmp_path / "images"), per_class=2)
+    cfg = _tiny_train_cfg(tmp_path, data, "trainer.batch_size=8", "stages=[importance,solve,prune,finetune]")
+    with pytest.raises(UserInputError, match=r"the training pool has \d images, fewer than one batch of "
+                                             r"trainer.batch_size=8.*lower trainer.batch_size to at most \d"):
+        Run(cfg, str(tmp_path / "run"), NullLogger()).preflight()
+    assert not (tmp_path / "run" / artifacts.CHECKPOINT).exists()
+    Run(_tiny_train_cfg(tmp_path, data, "trainer.batch_size=8", "stages=[importance,solve,prune]"),
+        str(tmp_path / "run"), NullLogger()).preflight()  # no fine-tuning: no batch needed
+
+
+def test_undecodable_images_are_left_out_and_counted_in_the_report(tmp_path):
+    """A truncated JPEG among the training images and a garbage file among the validation images: dropped before
+    any work, counted and listed in report.json, and fine-tuning and validation run on the rest."""
+    from PIL import Image
+    from test_distill_helpers import write_images
+
+    root = tmp_path / "data"
+    write_images(str(root / "train"), per_class=4)
+    write_images(str(root / "val"), per_class=2, seed=1)
+    Image.new("RGB", (40, 40), (200, 10, 10)).save(root / "train" / "n01440764" / "cut.jpg", quality=95)
+    cut = root / "train" / "n01440764" / "cut.jpg"
+    cut.write_bytes(cut.read_bytes()[:300])
+    garbage = root / "val" / "n02102040" / "0.png"
+    garbage.write_bytes(b"this is no image" * 4)
+    run = Run(_tiny_train_cfg(tmp_path, root, "stages=[importance,solve,prune,finetune,validate]"),
+              str(tmp_path / "run"), NullLogger())
+    run.preflight()
+    report = run.run()
+    pool, val = report["data"]["pool"], report["data"]["val"]
+    assert (pool["unreadable_images"], pool["unreadable"], pool["images"]) == (1, [str(cut)], 12)
+    assert (val["unreadable_images"], val["unreadable"], val["images"]) == (1, [str(garbage)], 5)
+    assert report["finetune"]["steps"] == 2 and report["validate"]["dataset"]["images"] == 5
+
+
+def test_corrupt_cached_scores_and_solution_are_recomputed(tmp_path, caplog):
+    """A truncated solution.json, then a truncated importance-scores cache: detected, said once, computed again."""
+    overrides = ("model.name=resnet18", "model.img_size=32", "budget.target=0.5")
+    run_dir, solution_path = str(tmp_path / "r"), tmp_path / "r" / artifacts.SOLUTION
+
+    def rerun(stages: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="pruning"):
+            run = Run(_search_cfg(tmp_path, *overrides, f"stages=[{stages}]"), run_dir, NullLogger())
+            run.preflight()
+            run.run()
+        return [r.getMessage() for r in caplog.records]
+
+    rerun("importance,solve,prune")
+    solution = solution_path.read_text()
+    solution_path.write_text(solution[: len(solution) // 2])
+    (tmp_path / "r" / artifacts.CHECKPOINT).unlink()
+    messages = rerun("prune")
+    assert len(messages) == 1 and messages[0].startswith(f"{solution_path} is corrupt or truncated (JSONDecodeError")
+    assert messages[0].endswith("solving again")
+    again = artifacts.read_json(str(solution_path))
+    before = json.loads(solution)
+    assert (again["keep"], again["widths"]) == (before["keep"], before["widths"])  # the same scores, the same solution
+    assert (tmp_path / "r" / artifacts.CHECKPOINT).is_file()
+
+    scores = next((tmp_path / "cache" / "scores").iterdir())
+    scores.write_bytes(scores.read_bytes()[:1000])
+    messages = rerun("importance,solve,prune")
+    assert len(messages) == 1 and messages[0].startswith(f"scores file {str(scores)!r} is corrupt or truncated")
+    assert messages[0].endswith("the importance stage computes them again")
+    assert torch.load(scores, weights_only=True)["scores"].keys() == artifacts.load_pruned(
+        str(tmp_path / "r" / artifacts.CHECKPOINT))[1]["keep"].keys()  # rewritten whole: every group scored
+    assert rerun("importance,solve") == []  # and read back silently

@@ -14,7 +14,7 @@ from PIL import Image
 
 from pruning.weights import (
     LITE_WEIGHTS, MODEL_NAME, convert_lite0_state_dict, convert_lite_state_dict, lite0_state_dict_path,
-    lite_state_dict_path, load_pretrained_lite, load_pretrained_lite0,
+    lite_state_dict_path, load_pretrained_lite,
 )
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")

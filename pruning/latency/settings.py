@@ -10,6 +10,7 @@ from typing import Any, Mapping, Sequence
 
 import torch
 
+from ..errors import MissingPackageError, UserInputError
 from ..graph import ChannelGraph
 
 FORMAT_VERSION = 1
@@ -21,7 +22,7 @@ DEFAULT_GRID = (0.1, 0.25, 0.4, 0.55, 0.7, 0.85, 1.0)
 CALIBRATION_FRACTIONS = (0.6, 0.3)
 
 
-class LatencyTableError(ValueError):
+class LatencyTableError(UserInputError):
     """A latency table file that is corrupt or does not match the model and settings it is used for."""
 
 
@@ -31,12 +32,12 @@ class LatencyTableError(ValueError):
 def _dtype_name(dtype: torch.dtype | str) -> str:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {dtype!r}; accepted: {sorted(DTYPES)}")
+            raise UserInputError(f"unknown dtype {dtype!r}; accepted: {sorted(DTYPES)}")
         return dtype
     for name, d in DTYPES.items():
         if d == dtype:
             return name
-    raise ValueError(f"unsupported dtype {dtype}; accepted: {sorted(DTYPES)}")
+    raise UserInputError(f"unsupported dtype {dtype}; accepted: {sorted(DTYPES)}")
 
 
 def check_settings(*, batch: int = 1, threads: int | None = None, device: str = "cpu", backend: str = "torch",
@@ -44,35 +45,36 @@ def check_settings(*, batch: int = 1, threads: int | None = None, device: str = 
     """Validate profiling settings before any work.
 
     Raises:
-        ValueError: an unknown backend or dtype, a device that is not there, or a batch or thread count < 1.
+        UserInputError: an unknown backend or dtype, a device that is not there, or a batch or thread count < 1.
     """
     if backend not in BACKENDS:
-        raise ValueError(f"unknown latency backend {backend!r}; accepted: {', '.join(BACKENDS)}")
+        raise UserInputError(f"unknown latency backend {backend!r}; accepted: {', '.join(BACKENDS)}")
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        raise UserInputError(f"batch must be an integer >= 1, got {batch!r}")
     if threads is not None and (not isinstance(threads, int) or isinstance(threads, bool) or threads < 1):
-        raise ValueError(f"threads must be an integer >= 1 (or None for torch's current setting), got {threads!r}")
+        raise UserInputError(f"threads must be an integer >= 1 (or None for torch's current setting), got {threads!r}")
     name = _dtype_name(dtype)
     kind = str(device).split(":")[0]
     if kind not in ("cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; accepted: cpu, cuda (or cuda:N)")
+        raise UserInputError(f"unknown device {device!r}; accepted: cpu, cuda (or cuda:N)")
     if kind == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"device {device!r} was asked for but no CUDA GPU is available here; use --device cpu")
+            raise UserInputError(f"device {device!r} was asked for but no CUDA GPU is available here; use --device cpu")
         index = torch.device(device).index or 0
         if index >= torch.cuda.device_count():
-            raise ValueError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
+            raise UserInputError(f"device {device!r}: only {torch.cuda.device_count()} CUDA device(s) here")
     elif name == "float16":
-        raise ValueError("dtype float16 is only supported on CUDA; use float32 or bfloat16 on CPU")
+        raise UserInputError("dtype float16 is only supported on CUDA; use float32 or bfloat16 on CPU")
     if backend == "onnxruntime":
         try:
             import onnxruntime  # noqa: F401
         except ImportError as e:
-            raise ValueError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime") from e
+            raise MissingPackageError("backend 'onnxruntime' needs the onnxruntime package: pip install onnxruntime, "
+                                      "or use the torch backend") from e
         if kind == "cuda":
-            raise ValueError("backend 'onnxruntime' runs on the CPU here (pruning.export); use --device cpu")
+            raise UserInputError("backend 'onnxruntime' runs on the CPU here (pruning.export); use --device cpu")
         if name != "float32":
-            raise ValueError("backend 'onnxruntime' profiles float32 models only")
+            raise UserInputError("backend 'onnxruntime' profiles float32 models only")
 
 
 def device_name(device: str = "cpu") -> str:

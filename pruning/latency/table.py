@@ -175,7 +175,7 @@ class LatencyTable:
             LatencyTableError: the file is corrupt or not a latency table of this format version.
         """
         path = os.fspath(path)
-        fix = f"delete it, or rebuild it with `python -m pruning.profile MODEL --img-size N --batch B`"
+        fix = "delete it, or rebuild it with `python -m pruning.profile MODEL --img-size N --batch B`"
         try:
             with open(path) as f:
                 d = json.load(f)

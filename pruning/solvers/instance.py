@@ -175,7 +175,7 @@ def reduce(problem: KnapsackProblem) -> Instance:
     removable = _removable_groups(problem, pos)
     grids = [_grid(problem, g, g in removable) for g in names]
     values = [_prefix_values(problem.scores[g])[grid] for g, grid in zip(names, grids)]
-    n, constraints = len(names), list(problem.constraints)
+    constraints = list(problem.constraints)
     if not constraints:
         raise ValueError("no constraint: give at least one budget (MACs, params or latency)")
     scores = [np.asarray(problem.scores[g], dtype=np.float64) for g in names]
