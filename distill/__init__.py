@@ -5,15 +5,16 @@
 * :mod:`distill.loss`: inner distillation (the authors'), logit KD and plain CE, with the projections,
 * :mod:`distill.teacher`: the frozen teacher, batch norm folded and channels-last for speed,
 * :mod:`distill.train`: :func:`finetune` (checkpoints, exact resume, EMA, AMP, DDP under torchrun),
-* :mod:`distill.evaluate`: :func:`evaluate` and :func:`validate_pair` (teacher metrics cached).
+* :mod:`distill.evaluate`: :func:`evaluate`, :func:`evaluate_folder` (a model on an image folder) and
+  :func:`validate_pair` (teacher metrics cached).
 """
 from pruning.distributed import init_distributed
-from .evaluate import evaluate, validate_pair
+from .evaluate import evaluate, evaluate_folder, validate_pair
 from .loss import DistillConfig, distill_loss
 from .points import matched_points
 from .train import FinetuneResult, NonFiniteLossError, TrainConfig, finetune
 
 __all__ = [
-    "DistillConfig", "FinetuneResult", "NonFiniteLossError", "TrainConfig", "distill_loss", "evaluate", "finetune",
-    "init_distributed", "matched_points", "validate_pair",
+    "DistillConfig", "FinetuneResult", "NonFiniteLossError", "TrainConfig", "distill_loss", "evaluate",
+    "evaluate_folder", "finetune", "init_distributed", "matched_points", "validate_pair",
 ]

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pruning._io import atomic_torch_save
+from pruning._io import atomic_torch_save, read_torch_file
 from pruning.errors import UserInputError
 
 LAST = "last.pth"
@@ -58,10 +58,7 @@ def load_checkpoint(path: str) -> dict[str, Any] | None:
     """The checkpoint at ``path``, or None when there is none."""
     if not os.path.isfile(path):
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserInputError(f"checkpoint {path!r} could not be read ({e}); delete it to start the run afresh") from e
+    return read_torch_file(path, "checkpoint", "delete it to start the run afresh")
 
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:

@@ -1,11 +1,11 @@
-"""Validation: top-1/top-5 and throughput of the student, side by side with the (cached) teacher's.
+"""Validation: top-1/top-5 and throughput of the student, side by side with the (cached) teacher's; of any model on
+an image folder with :func:`evaluate_folder`.
 
 Under torch.distributed every rank evaluates its own share of the images (no sample is repeated or dropped)
 and the correct counts are summed across ranks, so the numbers equal a single process's.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -18,11 +18,12 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from pruning import distributed as D
-from pruning._io import atomic_write_text
-from pruning.data import eval_loader
+from pruning._io import atomic_write_text, short_hash
+from pruning.data import eval_loader, eval_transform, image_dataset
 from pruning.errors import UserInputError
+from pruning.speed import synchronize
 
-from .precision import autocast, check_amp, synchronize
+from .precision import autocast, check_amp
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +95,27 @@ def evaluate(
     return _metrics(counts, seconds)
 
 
+def evaluate_folder(
+    model: nn.Module,
+    root: str,
+    img_size: int,
+    batch_size: int = 50,
+    workers: int = 2,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """:func:`evaluate` on the labelled images under ``root`` (synset folders or ``labels.csv``) at ``img_size`` px,
+    through timm's evaluation transform for ``model`` (:func:`pruning.data.eval_transform`: resize, center crop,
+    the model's mean/std).
+
+    Raises:
+        MissingInputError, UserInputError: ``root`` is missing or holds no readable layout
+            (:func:`pruning.data.image_dataset`).
+    """
+    dataset = image_dataset(root, eval_transform(model, img_size))
+    return evaluate(model, dataset, batch_size, workers, device=device, progress=progress)
+
+
 def _run(net: nn.Module, batches, n_batches: int, amp: str | None, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Hit counts (top-1, top-5, images, timed images) and the forward seconds of this rank's batches."""
     fmt = _memory_format(net)
@@ -127,9 +149,9 @@ def _metrics(counts: torch.Tensor, seconds: torch.Tensor) -> dict[str, float]:
 def dataset_fingerprint(dataset: Dataset) -> str:
     """A short hash of what decides the metrics: the samples (paths and labels when listed) and the transform."""
     samples = getattr(dataset, "samples", None)
-    text = json.dumps([len(dataset), repr(samples) if samples is not None else type(dataset).__name__,
-                       repr(getattr(dataset, "transform", None))])
-    return hashlib.sha1(text.encode()).hexdigest()[:16]
+    # sha1, as ever: the teacher caches of earlier runs stay valid
+    return short_hash([len(dataset), repr(samples) if samples is not None else type(dataset).__name__,
+                       repr(getattr(dataset, "transform", None))], algorithm="sha1")
 
 
 def _teacher_cache_key(teacher_key: str, dataset: Dataset, batch_size: int, amp: str | None, device: torch.device) -> dict[str, Any]:
@@ -193,7 +215,7 @@ def validate_pair(
 def _teacher_metrics(teacher, dataset, out_dir, teacher_key, batch_size, workers, amp, device, progress) -> tuple[dict, bool]:
     """The teacher's metrics from the run folder's cache, or evaluated now and added to it (by rank 0)."""
     key_fields = _teacher_cache_key(teacher_key, dataset, batch_size, amp, device)
-    key = hashlib.sha1(json.dumps(key_fields, sort_keys=True).encode()).hexdigest()[:16]
+    key = short_hash(key_fields, algorithm="sha1")
     path = os.path.join(out_dir, TEACHER_CACHE)
     cache = D.broadcast_object(_read_cache(path) if D.is_main() else None)  # every rank takes the same branch
     if key in cache:

@@ -28,9 +28,3 @@ def autocast(amp: str | None, device: torch.device) -> contextlib.AbstractContex
 def grad_scaler(amp: str | None) -> torch.amp.GradScaler | None:
     """A loss scaler for fp16 (its narrow range underflows small gradients); bf16 and fp32 need none."""
     return torch.amp.GradScaler("cuda") if amp == "fp16" else None
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work, so wall-clock timings are real."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)

@@ -47,6 +47,9 @@ def _args() -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=150, help="fine-tuning updates of 32 images per method")
     ap.add_argument("--criteria", nargs="+", default=list(CRITERIA), choices=list(CRITERIA))
     ap.add_argument("--allocations", nargs="+", default=list(ALLOCATIONS), choices=list(ALLOCATIONS))
+    ap.add_argument("--distill", default="inner", choices=["inner", "kd", "ce"],
+                    help="the fine-tuning loss (distill=...); kd and ce show whether inner distillation's projections "
+                         "are what fails on a narrowed residual stream")
     ap.add_argument("--latency-runs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--table-only", action="store_true", help="rewrite the table from the saved results")
@@ -56,25 +59,30 @@ def _args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-def _method(criterion: str, allocation: str) -> str:
-    return f"{allocation}-{criterion}"
+def _method(criterion: str, allocation: str, distill: str = "inner") -> str:
+    return f"{allocation}-{criterion}" + ("" if distill == "inner" else f"-{distill}")
+
+
+def _row_method(row: dict) -> str:
+    return _method(row["criterion"], row["allocation"], row.get("distill", "inner"))
 
 
 def _run_dir(budget: str, method: str) -> str:
     return os.path.join(OUT, "runs", f"budget-{budget}", method)
 
 
-def app_overrides(budget: str, criterion: str) -> list[str]:
+def app_overrides(budget: str, criterion: str, distill: str = "inner") -> list[str]:
     """What every method's run shares: the quickstart at this budget, scored with this criterion."""
-    return ["+experiment=quickstart", f"budget.target={budget}", f"importance={CRITERIA[criterion]}"]
+    loss = [] if distill == "inner" else [f"distill={distill}"]  # inner: the quickstart's own
+    return ["+experiment=quickstart", f"budget.target={budget}", f"importance={CRITERIA[criterion]}", *loss]
 
 
-def app_command(budget: str, criterion: str, allocation: str, steps: int) -> list[str]:
+def app_command(budget: str, criterion: str, allocation: str, steps: int, distill: str = "inner") -> list[str]:
     """The app's command line for one method (everything else is the quickstart's)."""
     peer = allocation == "torch_pruning"  # pruned here; the app fine-tunes and validates it
-    return [sys.executable, "-m", "pruning.run", *app_overrides(budget, criterion),
+    return [sys.executable, "-m", "pruning.run", *app_overrides(budget, criterion, distill),
             "stages=[finetune,validate]" if peer else f"solver={allocation}", f"trainer.max_steps={steps}",
-            f"hydra.run.dir={_run_dir(budget, _method(criterion, allocation))}", "logger=none"]
+            f"hydra.run.dir={_run_dir(budget, _method(criterion, allocation, distill))}", "logger=none"]
 
 
 def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
@@ -122,15 +130,15 @@ def _macs(run_dir: str, report: dict) -> int:
     return count_model(model, meta["img_size"]).macs
 
 
-def run_method(budget: str, criterion: str, allocation: str, steps: int) -> dict:
+def run_method(budget: str, criterion: str, allocation: str, steps: int, distill: str = "inner") -> dict:
     """Run (or resume) one method through the app; its report."""
     env = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "disabled")}
-    run_dir = _run_dir(budget, _method(criterion, allocation))
+    run_dir = _run_dir(budget, _method(criterion, allocation, distill))
     os.makedirs(run_dir, exist_ok=True)
     if allocation == "torch_pruning" and not os.path.isfile(os.path.join(run_dir, "pruned_checkpoint.pth")):
         prune_with_torch_pruning(budget, criterion, run_dir)
     with open(os.path.join(run_dir, "app.log"), "w") as log:
-        done = subprocess.run(app_command(budget, criterion, allocation, steps), cwd=ROOT, env=env, stdout=log,
+        done = subprocess.run(app_command(budget, criterion, allocation, steps, distill), cwd=ROOT, env=env, stdout=log,
                               stderr=subprocess.STDOUT)
     if done.returncode:  # a method that fails (a diverging fine-tune) is a result too: its row says why
         errors = [line for line in open(os.path.join(run_dir, "app.log")) if "Error" in line]
@@ -172,7 +180,7 @@ def write_readme(rows: list[dict], args: argparse.Namespace, parent_top1: float)
              "The table merges every call of the script at this budget (each call adds or redoes its methods and "
              "re-measures the latency of all of them); the last call was:", "",
              "```", f"python experiments/compare_app.py --budget {args.budget} --steps {args.steps} "
-             f"--criteria {' '.join(args.criteria)} --allocations {' '.join(args.allocations)} "
+             f"--criteria {' '.join(args.criteria)} --allocations {' '.join(args.allocations)} --distill {args.distill} "
              f"--latency-runs {args.latency_runs} --rounds {args.rounds}",
              "# each method (criterion l1 or taylor_weight; solver uniform, threshold, threshold_norm, exact, greedy):",
              f"python -m pruning.run +experiment=quickstart budget.target={args.budget} importance=<criterion> "
@@ -182,15 +190,17 @@ def write_readme(rows: list[dict], args: argparse.Namespace, parent_top1: float)
              f"stages=[finetune,validate] trainer.max_steps={args.steps} logger=none hydra.run.dir=<run dir>",
              "```", "",
              f"tf_efficientnet_lite0 (real weights) at 128 px, {args.budget} of its MACs; every method BN-recalibrated "
-             f"and fine-tuned alike ({args.steps} updates, label-free inner distillation on the pools). Top-1 on "
+             f"and fine-tuned alike ({args.steps} updates, label-free distillation on the pools: inner unless the "
+             f"fine-tuning column says kd, logit distillation at T=4). Top-1 on "
              f"imagenet-val-1300 (parent: {parent_top1:.2f}). Latency: batch 1, 2 threads, ratio to the parent, median "
              f"of {args.latency_runs} processes x {args.rounds} interleaved rounds (range).", "",
-             "| allocation | criterion | MACs | top-1 | latency / parent |", "|---|---|---|---|---|"]
+             "| allocation | criterion | fine-tuning | MACs | top-1 | latency / parent |", "|---|---|---|---|---|---|"]
     for r in sorted(rows, key=lambda r: -(r["top1"] if r["top1"] is not None else -1)):
         lat = r.get("latency") or []
         speed = f"{statistics.median(lat):.3f} ({min(lat):.3f}-{max(lat):.3f})" if lat else "not measured"
         top1 = f"{r['top1']:.2f}" if r["top1"] is not None else f"failed: {r['failed']}"
-        lines.append(f"| {r['allocation']} | {r['criterion']} | {r['macs'] / 1e6:.1f}M | {top1} | {speed} |")
+        lines.append(f"| {r['allocation']} | {r['criterion']} | {r.get('distill', 'inner')} | {r['macs'] / 1e6:.1f}M | "
+                     f"{top1} | {speed} |")
     path = os.path.join(OUT, f"budget-{args.budget}.md")
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
@@ -211,15 +221,16 @@ def main() -> None:
         print(open(write_readme(rows, args, _parent_top1(rows))).read())
         return
     done = json.load(open(path)) if os.path.isfile(path) else []  # methods of earlier calls at this budget stay
-    rows = [r for r in done if (r["criterion"], r["allocation"]) not in
-            {(c, a) for c in args.criteria for a in args.allocations}]
+    redone = {_method(c, a, args.distill) for c in args.criteria for a in args.allocations}
+    rows = [r for r in done if _row_method(r) not in redone]
     if args.measure_only:
         rows = done
     for criterion in ([] if args.measure_only else args.criteria):
         for allocation in args.allocations:
-            report = run_method(args.budget, criterion, allocation, args.steps)
-            run_dir = _run_dir(args.budget, _method(criterion, allocation))
-            row = {"criterion": criterion, "allocation": allocation, "macs": _macs(run_dir, report)}
+            report = run_method(args.budget, criterion, allocation, args.steps, args.distill)
+            run_dir = _run_dir(args.budget, _method(criterion, allocation, args.distill))
+            row = {"criterion": criterion, "allocation": allocation, "distill": args.distill,
+                   "macs": _macs(run_dir, report)}
             if "failed" in report:
                 row |= {"top1": None, "failed": report["failed"]}
             else:
@@ -230,7 +241,7 @@ def main() -> None:
     if args.latency_runs:  # 0: keep what was measured before (a busy machine); --measure-only later
         ratios = latency_ratios(args.budget, args.latency_runs, args.rounds)
         for r in rows:
-            r["latency"] = ratios[_method(r["criterion"], r["allocation"])]
+            r["latency"] = ratios[_row_method(r)]
     with open(path, "w") as f:
         json.dump(rows, f, indent=1)
     print(open(write_readme(rows, args, _parent_top1(rows))).read())

@@ -101,17 +101,9 @@ def latency_runs(pair: str, runs: int, rounds: int) -> list[dict[str, float]]:
     return measured_in_processes(__file__, pair, runs, rounds, OUT)
 
 
-def accuracy(model, size: int, val_root: str) -> dict:
-    """Top-1/top-5 of ``model`` on the validation images at ``size``, timm's eval transform."""
-    from distill.evaluate import evaluate
-    from pruning.data import eval_transform, image_dataset
-
-    return evaluate(model, image_dataset(val_root, eval_transform(model, size)), batch_size=50, workers=2,
-                    device="cpu", progress=False)
-
-
 def compare(pair: str, report: dict, runs: int, rounds: int) -> dict:
     """The pruned model against the dense smaller model: MACs, params, top-1, latency (runs, spread)."""
+    from distill.evaluate import evaluate_folder
     from pruning.count import count_model
 
     models = _models(pair)
@@ -123,7 +115,8 @@ def compare(pair: str, report: dict, runs: int, rounds: int) -> dict:
         row[name] = {"img_size": size, "macs": count.macs, "params": count.params,
                      "latency_ms": statistics.median(ms), "latency_spread_ms": [min(ms), max(ms)]}
     row["pruned"] |= {"top1": report["validate"]["student"]["top1"], "top5": report["validate"]["student"]["top5"]}
-    dense = accuracy(*models["dense"], report["validate"]["dataset"]["root"])
+    dense_model, dense_size = models["dense"]
+    dense = evaluate_folder(dense_model, report["validate"]["dataset"]["root"], dense_size, device="cpu")
     row["dense"] |= {"top1": dense["top1"], "top5": dense["top5"]}
     row["parent_top1"] = report["validate"]["teacher"]["top1"]
     row["val_curve"] = report["finetune"]["val_curve"]

@@ -41,23 +41,17 @@ def timm_alone_top1(run_dir: str, val_root: str, img_size: int) -> dict[str, flo
     """Top-1 of the fine-tuned model rebuilt by timm alone, and of its parent, with timm's eval transform."""
     import timm
     import torch
-    from timm.data import create_transform, resolve_data_config
     from timm.models._prune import adapt_model_from_string
 
-    from distill.evaluate import evaluate
-    from pruning.data import image_dataset
+    from distill.evaluate import evaluate_folder
     from pruning.weights import load_pretrained_lite0
 
     with open(os.path.join(run_dir, "pruned_spec.txt")) as f:
         pruned = adapt_model_from_string(timm.create_model("tf_efficientnet_lite0"), f.read().strip())
     pruned.load_state_dict(torch.load(os.path.join(run_dir, "pruned.pth"), weights_only=True), strict=True)
     parent = load_pretrained_lite0()
-    out = {}
-    for name, model in {"pruned (timm alone)": pruned, "parent": parent}.items():
-        transform = create_transform(**resolve_data_config({"input_size": (3, img_size, img_size)}, model=model.eval()))
-        out[name] = evaluate(model, image_dataset(val_root, transform), batch_size=64, workers=2, device="cpu",
-                             progress=False)["top1"]
-    return out
+    return {name: evaluate_folder(model, val_root, img_size, batch_size=64, device="cpu")["top1"]
+            for name, model in {"pruned (timm alone)": pruned, "parent": parent}.items()}
 
 
 def main() -> None:

@@ -1,13 +1,18 @@
-"""Atomic file writes: a reader never sees a half-written result, and a crash leaves the old file intact."""
+"""Files: atomic writes (a reader never sees a half-written result, and a crash leaves the old file intact),
+the one reader of torch files (errors that name the file and the fix), and the short hashes that key caches."""
 from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
+import json
 import os
 import tempfile
 from typing import Any, Callable
 
 import torch
+
+from .errors import MissingInputError, UserInputError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -69,3 +74,36 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             torch.save(obj, f)
 
     atomic_write(path, write)
+
+
+class TorchFileError(UserInputError):
+    """A torch file that cannot be read; ``reason`` is what torch said (``"ExceptionType: message"``)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def read_torch_file(path: str | os.PathLike, what: str, fix: str) -> Any:
+    """``torch.load`` (weights only, onto the CPU) with errors that name ``what`` and ``path`` and say ``fix``.
+
+    Raises:
+        MissingInputError: no file at ``path``.
+        TorchFileError: the file is not a torch file, is truncated, or holds objects other than tensors and
+            plain containers (a :class:`~pruning.errors.UserInputError`).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise MissingInputError(f"{what} {path!r} does not exist; {fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        reason = f"{type(e).__name__}: {e}"
+        raise TorchFileError(f"{what} {path!r} could not be read ({reason}); {fix}", reason) from e
+
+
+def short_hash(obj: Any, length: int = 16, algorithm: str = "sha256") -> str:
+    """A short stable hash of JSON-serialisable ``obj`` (dict keys sorted, other objects by ``str``): cache keys,
+    fingerprints and file names."""
+    text = json.dumps(obj, sort_keys=True, default=str)
+    return hashlib.new(algorithm, text.encode()).hexdigest()[:length]

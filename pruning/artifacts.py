@@ -4,14 +4,13 @@ Everything is written atomically, so an interrupted run never leaves a half-writ
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from typing import Any, Mapping, Sequence
 
 from torch import nn
 
-from ._io import atomic_torch_save, atomic_write_text
+from ._io import atomic_torch_save, atomic_write_text, read_torch_file
 from .errors import UserInputError
 from .export import export_onnx
 from .timm_spec import SpecUnsupportedError, save_timm_format
@@ -22,11 +21,6 @@ STATE_DICT = "pruned.pth"
 CHECKPOINT = "pruned_checkpoint.pth"
 ONNX = "pruned.onnx"
 SOLUTION = "solution.json"
-
-
-def config_key(*parts: Any) -> str:
-    """A short stable hash of JSON-serialisable parts (cache keys)."""
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 def read_json(path: str) -> dict:
@@ -99,7 +93,7 @@ def load_pruned(path: str, parent: nn.Module | None = None, base_model: str | No
             that are NaN/inf.
     """
     from .graph import build_channel_graph
-    from .models import check_state_dict, create_model, read_torch_file
+    from .models import check_state_dict, create_model
     from .prune import prune_model
 
     fix = "(re)run the prune stage to write it"

@@ -19,12 +19,13 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, Sampler
+from tqdm.auto import tqdm
 
 from . import distributed as D
 from .errors import MissingInputError, UserInputError
@@ -186,12 +187,42 @@ def eval_transform(model: nn.Module, img_size: int) -> Callable:
     return create_transform(**config)
 
 
+def random_indices(length: int, n: int, seed: int) -> list[int]:
+    """``n`` of ``range(length)`` drawn without repeats by a permutation seeded with ``seed``, in increasing order:
+    the samples :func:`subset` keeps, and the images the pipeline holds out for validation."""
+    return sorted(torch.randperm(length, generator=torch.Generator().manual_seed(seed))[:n].tolist())
+
+
 def subset(dataset: ImageListDataset, n: int | None, seed: int = 0) -> ImageListDataset:
     """A deterministic random subset of ``n`` samples (all when ``n`` is None or too large)."""
     if n is None or n >= len(dataset):
         return dataset
-    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    return ImageListDataset([dataset.samples[i] for i in order], dataset.transform)
+    return ImageListDataset([dataset.samples[i] for i in random_indices(len(dataset), n, seed)], dataset.transform)
+
+
+def take_images(batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]], num_images: int, desc: str,
+                progress: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    """The first ``num_images`` images of ``batches``, with a progress bar.
+
+    Yields ``(images, labels)`` batches as they come, the last one cut to ``num_images`` in all, and stops there
+    without drawing another batch.
+
+    Args:
+        batches: ``(images, labels)`` batches (a data loader); labels may be None.
+        num_images: how many images to take.
+        desc: the progress bar's label.
+        progress: show the progress bar.
+    """
+    seen = 0
+    with tqdm(total=num_images, desc=desc, unit="img", disable=not progress) as bar:
+        for images, labels in batches:
+            left = num_images - seen
+            images, labels = images[:left], (labels[:left] if labels is not None else None)
+            yield images, labels
+            seen += len(images)
+            bar.update(len(images))
+            if seen >= num_images:
+                break
 
 
 class ShardSampler(Sampler[int]):

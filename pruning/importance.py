@@ -22,10 +22,10 @@ from typing import Any, Callable, ClassVar, Iterable, Mapping
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from . import distributed as D
-from ._io import atomic_torch_save
+from ._io import TorchFileError, atomic_torch_save, read_torch_file
+from .data import take_images
 from .errors import UserInputError
 from .graph import ChannelGraph
 
@@ -135,18 +135,8 @@ class _DataImportance(Importance):
     def _batches(self, batches: Batches | None):
         if batches is None:
             raise UserInputError(f"importance criterion {self.name!r} needs images; give a data loader (data.root)")
-        world = D.world_size()
-        limit = -(-self.num_images // world)  # this rank's share
-        bar = tqdm(total=limit, desc=f"importance ({self.name})", unit="img", disable=not self.progress or not D.is_main())
-        seen = 0
-        for images, labels in batches:
-            images, labels = images[: limit - seen], labels[: limit - seen]
-            yield images, labels
-            seen += len(images)
-            bar.update(len(images))
-            if seen >= limit:
-                break
-        bar.close()
+        limit = -(-self.num_images // D.world_size())  # this rank's share
+        return take_images(batches, limit, f"importance ({self.name})", self.progress and D.is_main())
 
     def __call__(self, model, graph, batches=None) -> Scores:
         was_training = model.training
@@ -263,11 +253,12 @@ def load_scores(path: str, graph: ChannelGraph, expected_meta: Mapping[str, Any]
             scores. The message names the file; deleting it recomputes the scores.
     """
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = read_torch_file(path, "scores file", "delete it to recompute the scores")
         meta, scores = obj["meta"], obj["scores"]
         found = {k: len(v) for k, v in scores.items()}
     except Exception as e:  # truncated zip, not a torch file, or another structure: all mean "not usable"
-        raise ScoresFileError(f"scores file {path!r} is corrupt or truncated ({type(e).__name__}: {e})") from e
+        reason = e.reason if isinstance(e, TorchFileError) else f"{type(e).__name__}: {e}"
+        raise ScoresFileError(f"scores file {path!r} is corrupt or truncated ({reason})") from e
     for key, value in (expected_meta or {}).items():
         if meta.get(key) != value:
             raise ScoresFileError(f"scores in {path!r} were computed with {key}={meta.get(key)!r}, not {value!r}")

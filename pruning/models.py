@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import difflib
-import os
 from typing import Any, Mapping
 
 import timm
 import torch
 from torch import nn
 
-from .errors import MissingInputError, UserInputError
+from ._io import read_torch_file
+from .errors import UserInputError
 from .weights import LITE_WEIGHTS
 
 
@@ -43,22 +43,6 @@ def create_model(name: str, pretrained: bool = False, checkpoint: str | None = N
                          f"give a state_dict of timm's {name!r} (model.name={name}) or set model.name to its model")
         model.load_state_dict(state, strict=True)
     return model.eval()
-
-
-def read_torch_file(path: str, what: str, fix: str) -> object:
-    """``torch.load`` (weights only) with errors that name ``what`` and ``path`` and say ``fix``.
-
-    Raises:
-        MissingInputError: no file at ``path``.
-        UserInputError: the file is not a torch file, is truncated, or holds objects other than tensors and
-            plain containers.
-    """
-    if not os.path.isfile(path):
-        raise MissingInputError(f"{what} {path!r} does not exist; {fix}")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UserInputError(f"{what} {path!r} could not be read ({type(e).__name__}: {e}); {fix}") from e
 
 
 def load_state_dict(path: str) -> dict[str, torch.Tensor]:

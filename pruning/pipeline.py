@@ -22,10 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import artifacts
+from ._io import short_hash
 from .budget import (Budget, check_feasible, is_time, latency_constraint, params_constraint, parse_latency,
                      resolve_budget)
 from .cost import CostModel
-from .data import ImageListDataset, eval_loader, eval_transform, image_dataset
+from .data import ImageListDataset, eval_loader, eval_transform, image_dataset, random_indices
 from .distributed import barrier, default_device, is_main, main_first, world_size
 from .errors import UserInputError
 from .graph import build_channel_graph
@@ -136,18 +137,18 @@ class Run:
             self.constraints.append(Constraint(self.cost.macs_cost, self.budget.macs, self.budget.spec))
         if b.params is not None:
             self.constraints.append(params_constraint(b.params, self.cost.params_cost))
-        check_feasible(self.constraints, self.graph.prunable_groups(), s.round_to, s.min_keep_fraction, self.removable)
+        check_feasible(self.constraints, self.graph.prunable_groups(), b.round_to, b.min_keep_fraction, self.removable)
 
     def _build_constraints(self) -> None:
         """Add the latency budget, measuring this device's latency table on first use."""
-        b, s = self.cfg.budget, self.cfg.solver
+        b = self.cfg.budget
         self.latency_table = None
         if b.latency is None:
             return
         self.latency_table = self._latency_table()
         limit = latency_constraint(b.latency, self.latency_table.cost(self.graph), self.latency_table.parent_ms)
         self.constraints.append(limit)  # widths then keep the table's channel multiple (solve.width_multiple)
-        check_feasible(self.constraints, self.graph.prunable_groups(), s.round_to, s.min_keep_fraction, self.removable)
+        check_feasible(self.constraints, self.graph.prunable_groups(), b.round_to, b.min_keep_fraction, self.removable)
 
     def _latency_table(self):
         """The parent's latency table for this device and settings (``python -m pruning.profile`` builds the same)."""
@@ -276,8 +277,8 @@ class Run:
     def stage_solve(self) -> None:
         """Kept widths and channels under every budget (the knapsack)."""
         scores = self.scores if self.scores is not None else self._load_scores()
-        s = self.cfg.solver
-        problem = knapsack_problem(self.graph, scores, self.constraints, s.round_to, s.min_keep_fraction, self.removable)
+        b, s = self.cfg.budget, self.cfg.solver
+        problem = knapsack_problem(self.graph, scores, self.constraints, b.round_to, b.min_keep_fraction, self.removable)
         if self.latency_table is not None and self.cfg.latency.verify_iterations > 0:
             # measurements differ run to run: a rerun keeps the solution it measured, so a resumed run stays whole
             self.solution = self._reusable_solution(problem) or (self._solve_measured(problem) if is_main() else None)
@@ -289,7 +290,7 @@ class Run:
                 artifacts.write_json(os.path.join(self.run_dir, artifacts.SOLUTION), self.solution.to_dict())
         self._report("budget", self._budget_summary())
         self._report("solve", {k: v for k, v in asdict(self.solution).items() if k not in ("keep", "widths")}
-                     | {"round_to_asked": s.round_to, "min_keep_fraction": s.min_keep_fraction,
+                     | {"round_to_asked": b.round_to, "min_keep_fraction": b.min_keep_fraction,
                         "allow_block_removal": s.allow_block_removal, "removable_blocks": len(self.removable)})
 
     def _solve_measured(self, problem) -> Solution:
@@ -306,9 +307,12 @@ class Run:
 
     def _problem_key(self, problem) -> str:
         limits = [(c.name, c.spec, c.limit) for c in problem.constraints]
-        return artifacts.config_key(limits, problem.round_to, problem.min_keep_fraction, problem.removable,
-                                    OmegaConf.to_container(self.cfg.solver), self._scores_key(),
-                                    self.latency_table.meta, OmegaConf.to_container(self.cfg.latency))
+        # round_to and min_keep_fraction were solver fields once: hashed with them still, so the key stays the same
+        # and a run whose measured solution was saved then still finds it
+        b = self.cfg.budget
+        solver = OmegaConf.to_container(self.cfg.solver) | {"round_to": b.round_to, "min_keep_fraction": b.min_keep_fraction}
+        return short_hash([limits, problem.round_to, problem.min_keep_fraction, problem.removable, solver,
+                           self._scores_key(), self.latency_table.meta, OmegaConf.to_container(self.cfg.latency)])
 
     def _reusable_solution(self, problem) -> Solution | None:
         """The measured solution an earlier run of this exact problem left in the run directory, if any."""
@@ -404,8 +408,8 @@ class Run:
         from distill.evaluate import validation_warnings
 
         student = self.student or self._load_student()
-        key = artifacts.config_key(self.cfg.model.name, self.cfg.model.checkpoint, self.cfg.model.pretrained,
-                                   self.cfg.model.img_size, [s for s, _ in self.val_set.samples][:3], len(self.val_set))
+        key = short_hash([self.cfg.model.name, self.cfg.model.checkpoint, self.cfg.model.pretrained,
+                          self.cfg.model.img_size, [s for s, _ in self.val_set.samples][:3], len(self.val_set)])
         teacher_cache = os.path.join(self.cfg.paths.cache_dir, "teacher")  # shared by every run of a sweep
         metrics = validate_pair(student, self.parent, self._eval_set(self.val_set), teacher_cache, key,
                                 batch_size=self.cfg.data.val_batch_size, workers=self.cfg.data.workers)
@@ -434,8 +438,8 @@ class Run:
         d = self.cfg.data  # the folders decide the pool (copies of the validation images are taken out)
         roots = list(d.train_roots) if d.train_roots else None
         data = [d.root, d.train_split, roots, d.val_root, d.holdout_fraction] if self.criterion.needs_data else None
-        return artifacts.config_key(m.name, m.img_size, m.pretrained, m.checkpoint, m.protected,
-                                    OmegaConf.to_container(imp, resolve=True), data)
+        return short_hash([m.name, m.img_size, m.pretrained, m.checkpoint, m.protected,
+                           OmegaConf.to_container(imp, resolve=True), data])
 
     def _scores_path(self) -> str:
         return os.path.join(self.cfg.paths.cache_dir, "scores", f"{self.cfg.model.name}-{self._scores_key()}.pt")
@@ -517,23 +521,29 @@ class Run:
                    "removed_blocks": [list(b) for b in self.removable if all(widths[g] == 0 for g in b)],
                    "widths_before": full, "widths_after": widths,
                    "kept_fraction_by_stage": kept_fraction_by_stage(self.graph, widths)}
-        published = self._published_widths()
+        published = self._published()
         if published is not None:
-            summary["published"] = {"model": PAPER_CONFIGS[self.cfg.budget.name].timm_pruned, "widths": published,
-                                    "macs": self.cost.macs(published), "params": self.cost.params(published)}
+            name, theirs = published
+            summary["published"] = {"model": name, "widths": theirs, "macs": self.cost.macs(theirs),
+                                    "params": self.cost.params(theirs)}
         return summary
 
-    def _published_widths(self) -> dict[str, int] | None:
-        cfg = PAPER_CONFIGS.get(self.cfg.budget.name or "")
+    def _published(self) -> tuple[str, dict[str, int]] | None:
+        """timm's published pruned model of this budget and its widths, when the run prunes its base model at its
+        resolution. The budget is ``budget.name`` (``+budget=flops_490M``), else ``budget.target`` when that names a
+        paper budget (``budget.target=flops_490M``): both spellings compare with the published model."""
+        b = self.cfg.budget
+        cfg = PAPER_CONFIGS.get(b.name or "") or (PAPER_CONFIGS.get(b.target) if isinstance(b.target, str) else None)
         if cfg is None or (cfg.base_model, cfg.img_size) != (self.cfg.model.name, self.cfg.model.img_size):
             return None
-        return paper_widths(cfg.budget, self.graph)
+        return cfg.timm_pruned, paper_widths(cfg.budget, self.graph)
 
     def _plot_widths(self, widths: dict[str, int]) -> str:
         series = {"ours": widths}
-        published = self._published_widths()
+        published = self._published()
         if published is not None:
-            series[PAPER_CONFIGS[self.cfg.budget.name].timm_pruned] = published
+            name, theirs = published
+            series[name] = theirs
         limits = ", ".join(f"{c.name} {c.spec}" for c in self.constraints)
         title = f"{self.cfg.model.name}@{self.cfg.model.img_size}, budget {limits}"
         return plot_kept_fractions(self.graph, series, os.path.join(self.run_dir, "kept_fractions.png"), title)
@@ -551,8 +561,7 @@ def _hold_out(pool: TrainingPool, fraction: float, seed: int) -> tuple[TrainingP
     if not labelled:
         raise PipelineError("no validation folder and no labelled image to hold out of the pool (all are labelled -1); "
                             "give data.val_root=/path/to/labelled/images")
-    order = [labelled[i] for i in torch.randperm(len(labelled), generator=torch.Generator().manual_seed(seed)).tolist()]
-    val = set(order[:max(1, int(len(labelled) * fraction))])
+    val = {labelled[i] for i in random_indices(len(labelled), max(1, int(len(labelled) * fraction)), seed)}
     train = [i for i in range(len(pool.sources)) if i not in val]
     samples = pool.dataset.samples
     kept = TrainingPool(ImageListDataset([samples[i] for i in train]), [pool.sources[i] for i in train], pool.roots,

@@ -20,8 +20,6 @@ counts for the report, and a loader cannot drop a sample without changing the ep
 """
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 from collections import Counter
@@ -32,7 +30,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from ._io import atomic_write
+from ._io import atomic_write, short_hash
 from .data import DECODE_ERRORS, ImageListDataset, image_dataset
 from .errors import UserInputError
 
@@ -210,7 +208,7 @@ def _thumbnail_cache(paths: list[str], cache_dir: str | None) -> str | None:
     if cache_dir is None:
         return None
     stats = [(p, st.st_size, st.st_mtime_ns) for p, st in ((p, os.stat(p)) for p in paths)]
-    key = hashlib.sha256(json.dumps([THUMBNAIL, stats]).encode()).hexdigest()[:16]
+    key = short_hash([THUMBNAIL, stats])
     return os.path.join(cache_dir, "thumbnails", f"{key}.npz")  # .npz: thumbnails and the unreadable images
 
 

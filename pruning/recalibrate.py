@@ -10,7 +10,8 @@ from typing import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
+
+from .data import take_images
 
 
 def _batch_norms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -39,19 +40,14 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch
         bn.reset_running_stats()
         bn.train()
     seen, device = 0, next(model.parameters()).device
-    bar = tqdm(total=num_images, desc="BN recalibration", unit="img", disable=not progress)
     try:
-        for images, _ in batches:
-            images = images[: num_images - seen].to(device)
+        for images, _ in take_images(batches, num_images, "BN recalibration", progress):
+            images = images.to(device)
             for bn in bns:  # weight each batch by its size: the running mean is the mean over all images
                 bn.momentum = len(images) / (seen + len(images))
             model(images)
             seen += len(images)
-            bar.update(len(images))
-            if seen >= num_images:
-                break
     finally:
-        bar.close()
         for bn, (momentum, training) in zip(bns, saved):
             bn.momentum = momentum
             bn.train(training)

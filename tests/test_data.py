@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from PIL import Image
 
 from conftest import shared_data_dir
-from pruning.data import eval_transform, image_dataset, imagenet_synsets, subset
+from pruning.data import eval_transform, image_dataset, imagenet_synsets, random_indices, subset, take_images
 from pruning.errors import UserInputError
 from pruning.models import create_model
 
@@ -90,6 +91,24 @@ def test_subset_is_deterministic(tmp_path):
     ds = image_dataset(str(tmp_path))
     assert subset(ds, 4, seed=1).samples == subset(ds, 4, seed=1).samples
     assert len(subset(ds, 4).samples) == 4 and subset(ds, None) is ds
+
+
+def test_random_indices_are_a_seeded_draw_in_order():
+    drawn = random_indices(10, 4, seed=1)
+    assert drawn == sorted(drawn) == random_indices(10, 4, seed=1) and len(set(drawn)) == 4
+    assert random_indices(10, 20, seed=0) == list(range(10))
+
+
+def test_take_images_stops_at_the_count_without_drawing_more():
+    drawn = []
+
+    def batches():
+        for i in range(10):
+            drawn.append(i)
+            yield torch.full((4, 1), i), torch.full((4,), i)
+
+    taken = list(take_images(batches(), 10, "test", progress=False))
+    assert [len(x) for x, _ in taken] == [len(y) for _, y in taken] == [4, 4, 2] and drawn == [0, 1, 2]
 
 
 def test_shared_data_labels():

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.data import TensorDataset
 
-from test_distill_helpers import IMG, state_equal, tiny_pair, write_images
+from test_distill_helpers import IMG, LABELS, state_equal, tiny_pair, write_images
 from distill import DistillConfig, NonFiniteLossError, TrainConfig, evaluate, finetune, validate_pair
 from distill.checkpoint import LAST, load_checkpoint, save_checkpoint
-from distill.evaluate import TEACHER_CACHE
+from distill.evaluate import TEACHER_CACHE, evaluate_folder
 from distill.train import Trainer
 from pruning.data import eval_transform, image_dataset
 
@@ -168,6 +168,29 @@ def test_evaluate_top1_top5_known_answer():
     m = evaluate(_Scores(), TensorDataset(scores, labels), batch_size=4, workers=0, progress=False)
     assert m["images"] == n and m["top1"] == pytest.approx(100 * 4 / 11) and m["top5"] == pytest.approx(100 * 8 / 11)
     assert m["images_per_s"] > 0
+
+
+class _Tint(nn.Module):
+    """Names each image's class by its tinted colour channel (write_images' rule); records the input sizes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sizes: set[tuple[int, int]] = set()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.sizes.add(tuple(x.shape[-2:]))
+        logits = torch.zeros(len(x), 1000)
+        logits[torch.arange(len(x)), torch.tensor(LABELS)[x.mean((2, 3)).argmax(1)]] = 1.0
+        return logits
+
+
+def test_evaluate_folder_known_answer(data_root):
+    """A model on an image folder at N px through timm's eval transform: every image seen, at N px."""
+    model = _Tint()
+    m = evaluate_folder(model, data_root, IMG + 8, batch_size=5, workers=0, device="cpu")
+    assert m["images"] == 3 * 8 and m["top1"] == m["top5"] == 100.0 and model.sizes == {(IMG + 8, IMG + 8)}
+    with pytest.raises(ValueError, match="does not exist"):
+        evaluate_folder(model, os.path.join(data_root, "missing"), IMG)
 
 
 def test_teacher_metrics_are_cached(pair, data_root, tmp_path, caplog):

@@ -192,6 +192,20 @@ def test_cli_paper_budget_search_only(tmp_path):
     assert count_model(model, 240).macs == report["model"]["macs_after"]
 
 
+def test_a_paper_budget_as_target_compares_with_the_published_model(tmp_path):
+    """budget.target=flops_490M without budget.name reports timm's published model, as +budget=flops_490M does
+    (test_cli_paper_budget_search_only); the published widths are for the base model at the paper's resolution."""
+    from pruning.paper import paper_widths
+
+    run = Run(_search_cfg(tmp_path, "model.name=efficientnet_b1", "model.img_size=240", "budget.target=flops_490M",
+                          "solver=uniform"), str(tmp_path / "r"), NullLogger())
+    assert run.cfg.budget.name is None
+    run.preflight()
+    published = run.run()["model"]["published"]
+    assert published["model"] == "efficientnet_b1_pruned" and published["macs"] == 391_208_019
+    assert published["widths"] == paper_widths("flops_490M", run.graph)
+
+
 @pytest.mark.parametrize("overrides,needle,code", [
     (["solver.time_limt=3"], "time_limt", 1),  # Hydra's own config error
     (["budget.target=lots"], "error: malformed budget 'lots'", 2),  # an input error: one paragraph

@@ -2,14 +2,13 @@
 and path."""
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import platform
 from typing import Any, Mapping, Sequence
 
 import torch
 
+from .._io import short_hash
 from ..errors import MissingPackageError, UserInputError
 from ..graph import ChannelGraph
 
@@ -126,7 +125,7 @@ def table_meta(graph: ChannelGraph, model_name: str, *, batch: int = 1, threads:
 
 def table_path(cache_dir: str | os.PathLike, meta: Mapping[str, Any]) -> str:
     """The cache file of the table with ``meta``: readable settings plus a hash of the whole key."""
-    digest = hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest()[:12]
+    digest = short_hash(meta, length=12)
     c, h, w = meta["input_size"]
     name = (f"{meta['model']}-{h}x{w}-b{meta['batch']}-t{meta['threads']}-{meta['backend']}-"
             f"{meta['device'].replace(':', '')}-{meta['dtype']}-{digest}.json")

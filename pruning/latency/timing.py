@@ -3,6 +3,7 @@ count, the backends' runners (torch, ONNX Runtime), and end-to-end latency (:fun
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import platform
 import time
@@ -12,6 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..speed import interleaved_speed, synchronize
 from .settings import DTYPES, _dtype_name, check_settings
 
 if TYPE_CHECKING:
@@ -22,10 +24,8 @@ if TYPE_CHECKING:
 
 
 def _sync(device: str) -> Callable[[], None]:
-    if str(device).startswith("cuda"):
-        dev = torch.device(device)
-        return lambda: torch.cuda.synchronize(dev)
-    return lambda: None
+    """A no-argument :func:`~pruning.speed.synchronize` of ``device``, for the timing loops."""
+    return functools.partial(synchronize, torch.device(device))
 
 
 def _time_ms(fn: Callable[[], Any], sync: Callable[[], None], *, min_seconds: float = 1e-3, repeats: int = 3,
@@ -263,8 +263,6 @@ def measure_latency(models: Mapping[str, nn.Module], img_size: int | Sequence[in
     Returns:
         name -> median ms per forward pass.
     """
-    from ..speed import interleaved_speed
-
     check_settings(batch=batch, threads=threads, device=device, backend=backend, dtype=dtype)
     hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     torch_dtype = DTYPES[_dtype_name(dtype)]
