@@ -156,7 +156,7 @@ def measure_once(budget: str, rounds: int) -> dict[str, float]:
     """ms per batch-1 forward pass of the parent and every finished method's model, interleaved (this process)."""
     from pruning.artifacts import load_pruned
     from pruning.latency import measure_latency
-    from pruning.weights import load_pretrained_lite0
+    from pruning.lite_packages import load_pretrained_lite0
 
     parent = load_pretrained_lite0()
     models = {"parent": parent}

@@ -27,7 +27,7 @@ from pruning import build_channel_graph
 from pruning.data import ImageListDataset, eval_loader, eval_transform, image_dataset, subset
 from pruning.importance import create_importance
 from pruning.search import search
-from pruning.weights import load_pretrained_lite0
+from pruning.lite_packages import load_pretrained_lite0
 
 
 def _heldout_imagenette(root: str, transform) -> ImageListDataset:

@@ -19,7 +19,7 @@ from pruning import build_channel_graph
 from pruning.data import eval_loader, eval_transform, image_dataset
 from pruning.importance import create_importance
 from pruning.search import kept_fraction_by_stage, search
-from pruning.weights import load_pretrained_lite0
+from pruning.lite_packages import load_pretrained_lite0
 
 METHODS = {  # method -> (criterion, solver)
     "taylor_weight + knapsack": ("taylor_weight", "exact"),

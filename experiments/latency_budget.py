@@ -51,7 +51,7 @@ from pruning.plots import plot_kept_fractions  # noqa: E402
 from pruning.recalibrate import recalibrate_bn  # noqa: E402
 from pruning.search import kept_fraction_by_stage, search  # noqa: E402
 from pruning.solve import Constraint  # noqa: E402
-from pruning.weights import load_pretrained_lite0  # noqa: E402
+from pruning.lite_packages import load_pretrained_lite0  # noqa: E402
 
 METHODS = ["knapsack_latency", "knapsack_latency_blocks_kept", "knapsack_macs", "global_l1", "torch_pruning"]
 MODEL = "tf_efficientnet_lite0"

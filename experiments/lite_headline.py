@@ -76,7 +76,7 @@ def read_report(pair: str) -> dict:
 def _models(pair: str):
     """The fine-tuned pruned model and the dense smaller model, each with its resolution."""
     from pruning.artifacts import load_pruned
-    from pruning.weights import load_pretrained_lite
+    from pruning.lite_packages import load_pretrained_lite
 
     (parent_name, parent_size), (small_name, small_size) = PAIRS[pair]
     pruned, _ = load_pruned(os.path.join(_run_dir(pair), "pruned_checkpoint.pth"), load_pretrained_lite(parent_name))

