@@ -13,7 +13,8 @@ changed, so nothing is re-implemented here:
   GroupTaylorImportance for ``taylor``, gradients on the same images the app scores on) and global allocation,
   its ratio bisected to the budget (``peers.py``). Its model is saved as the app's ``pruned_checkpoint.pth``
   (:func:`peers.kept_channels` checks that it rebuilds exactly), and the app fine-tunes and validates it
-  (``stages=[finetune,validate]``) like the others, after the same BN recalibration as the app's prune stage.
+  (``stages=[finetune,validate]``) like the others; the app recalibrates its BN statistics first, as its prune
+  stage does for its own models (the checkpoint records none).
 
 Latency is then measured for every pruned model and the parent in ``--latency-runs`` separate processes of
 ``--rounds`` interleaved rounds each (batch 1, 2 threads), and reported as the median ratio to the parent with
@@ -90,9 +91,8 @@ def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
 
     The parent, the budget, the pool and the images Taylor gradients are taken on are the app's own, read
     through :class:`pruning.pipeline.Run`'s checks (the first ``importance.num_images`` of the pool in the
-    app's seeded order, the validation images' copies excluded). Its BN statistics are then re-estimated on the
-    same images, as the app's prune stage does (``bn_recalibration``): the projections of inner distillation are
-    fitted to the student's eval-mode features, which are meaningless with the parent's statistics.
+    app's seeded order, the validation images' copies excluded). Its BN statistics are left to the app's fine-tuning
+    stage, which recalibrates a checkpoint saved without recalibration before it fine-tunes.
     """
     from hydra import compose, initialize_config_dir
 
@@ -102,7 +102,6 @@ def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
     from pruning.loggers import NullLogger
     from pruning.pipeline import Run
     from pruning.prune import prune_model
-    from pruning.recalibrate import recalibrate_bn
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*app_overrides(budget, criterion), "stages=[finetune]", "logger=none"])
@@ -114,10 +113,8 @@ def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
     batches = [b for _, b in zip(range(-(-n // cfg.importance.batch_size)), loader)]
     pruned = torch_pruning_to_macs(app.parent, size, app.budget.macs, PEER_IMPORTANCE[criterion], batches).eval()
     keep = kept_channels(app.parent, pruned, app.graph)
-    student = prune_model(app.parent, app.graph, keep)
-    assert cfg.bn_recalibration.num_images == n and cfg.bn_recalibration.batch_size == cfg.importance.batch_size
-    recalibrate_bn(student, batches, n, progress=False)  # the app's images and settings (checked above)
-    artifacts.save_pruned(student.eval(), run_dir, cfg.model.name, size, keep, "pruned", app.graph.protected_patterns)
+    artifacts.save_pruned(prune_model(app.parent, app.graph, keep), run_dir, cfg.model.name, size, keep, "pruned",
+                          app.graph.protected_patterns)
 
 
 def _macs(run_dir: str, report: dict) -> int:

@@ -48,12 +48,15 @@ def update_report(run_dir: str, section: str, values: Mapping[str, Any]) -> dict
 
 
 def save_pruned(model: nn.Module, run_dir: str, base_model: str, img_size: int, keep: Mapping[str, list[int]],
-                stage: str, protected: Sequence[str] | None = None) -> tuple[list[str], str | None]:
+                stage: str, protected: Sequence[str] | None = None,
+                bn_recalibrated_images: int | None = None) -> tuple[list[str], str | None]:
     """Write the pruned model as timm spec + state_dict, this framework's checkpoint and ``pruned.onnx``.
 
     The checkpoint holds what :func:`load_pruned` needs to cut the same model from the parent again: the kept
     channels and the protected-layer patterns the channel graph was built with (``protected``: the graph's
-    ``protected_patterns``; None records the model's defaults).
+    ``protected_patterns``; None records the model's defaults). ``bn_recalibrated_images``: how many images its
+    BN statistics were re-estimated on after pruning (0: not at all); None (a model pruned elsewhere) lets the
+    app's fine-tuning recalibrate it first, as its prune stage would have.
 
     The ONNX file (dynamic batch, ``img_size`` fixed) is exported from a CPU eval copy, so ``model`` may be on
     any device or in train mode. timm's spec cannot express removed blocks: then the spec files are not
@@ -74,7 +77,8 @@ def save_pruned(model: nn.Module, run_dir: str, base_model: str, img_size: int, 
                 os.remove(stale)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     atomic_torch_save({"base_model": base_model, "img_size": img_size, "keep": dict(keep), "stage": stage,
-                       "protected": None if protected is None else list(protected), "state_dict": state}, ckpt)
+                       "protected": None if protected is None else list(protected),
+                       "bn_recalibrated_images": bn_recalibrated_images, "state_dict": state}, ckpt)
     export_onnx(model, onnx_path, img_size)
     return files + [ckpt, onnx_path], skipped
 

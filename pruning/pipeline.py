@@ -76,6 +76,7 @@ class Run:
         # the student's kept channels per group, and the protection its graph was built with
         self.keep: dict[str, list[int]] | None = None
         self.protected: tuple[str, ...] | None = None
+        self.bn_recalibrated: int | None = None  # images the student's BN statistics were re-estimated on
 
     # ------------------------------------------------------------------------------------------ checks
     def preflight(self) -> None:
@@ -356,12 +357,12 @@ class Run:
         solution = self.solution or self._load_solution()
         self.student = prune_model(self.parent, self.graph, solution.keep).eval()
         self.keep, self.protected = solution.keep, self.graph.protected_patterns
-        if self.cfg.bn_recalibration.num_images > 0:
-            self._recalibrate()
+        self.bn_recalibrated = self._recalibrate() if self.cfg.bn_recalibration.num_images > 0 else 0
         widths = {**self.graph.full_widths(), **solution.widths}
         if is_main():
             files, skipped = artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name,
-                                                   self.cfg.model.img_size, self.keep, "pruned", self.protected)
+                                                   self.cfg.model.img_size, self.keep, "pruned", self.protected,
+                                                   self.bn_recalibrated)
             files.append(self._plot_widths(widths))
             self.logger.log_files(files)
             self._report("artifacts", {"files": [os.path.basename(f) for f in files], "timm_spec_skipped": skipped})
@@ -386,6 +387,13 @@ class Run:
         from distill import finetune
 
         student = self.student or self._load_student()
+        if self.bn_recalibrated is None and self.cfg.bn_recalibration.num_images > 0:
+            # pruned elsewhere (another tool, save_pruned without the prune stage): its BN statistics are the
+            # parent's, and inner distillation fits its projections to eval-mode features, so recalibrate first
+            log.info("%s was saved without BN recalibration: recalibrating it as the prune stage does",
+                     artifacts.CHECKPOINT)
+            self.student = student
+            self.bn_recalibrated = self._recalibrate()
         teacher = None if self.distill_cfg.method == "ce" else self.parent
         out = os.path.join(self.run_dir, "finetune")
         train_set = ImageListDataset(self.train_set.samples)  # no transform: the trainer uses timm's training one
@@ -396,7 +404,7 @@ class Run:
         self.student = result.student.eval()
         if is_main():
             artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
-                                  self.keep, "finetuned", self.protected)  # the formats of the prune stage
+                                  self.keep, "finetuned", self.protected, self.bn_recalibrated)  # as after pruning
         curve = [[h["step"], h["val/top1"]] for h in result.history if "val/top1" in h]
         self._report("finetune", {"steps": result.steps, "method": self.distill_cfg.method,
                                   "resumed_from": result.resumed_from, "val_curve": curve,
@@ -494,6 +502,8 @@ class Run:
         # any pruned model of this parent fine-tunes: the channels it kept come with it, not from solution.json
         model, meta = artifacts.load_pruned(path, self.parent, self.cfg.model.name)
         self.keep, self.protected = meta["keep"], meta.get("protected")
+        # a checkpoint saved by the prune stage records its recalibration; one pruned elsewhere does not (None)
+        self.bn_recalibrated = meta.get("bn_recalibrated_images", None if meta["stage"] == "pruned" else 0)
         return model.to(default_device())
 
     def _importance_batches(self):
@@ -501,11 +511,12 @@ class Run:
         # a seeded random order: the first num_images are a sample of all classes, not the first classes
         return eval_loader(self._eval_set(self.train_set), imp.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
 
-    def _recalibrate(self) -> None:
+    def _recalibrate(self) -> int:
         r = self.cfg.bn_recalibration
         batches = eval_loader(self._eval_set(self.train_set), r.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
         used = recalibrate_bn(self.student, batches, r.num_images, progress=is_main())
         self._report("bn_recalibration", {"images": used})
+        return used
 
     def _eval_set(self, dataset: ImageListDataset) -> ImageListDataset:
         """``dataset``'s images under the parent's evaluation transform (no augmentation) at the run's size."""

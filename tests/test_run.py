@@ -420,3 +420,34 @@ def test_corrupt_cached_scores_and_solution_are_recomputed(tmp_path, caplog):
     assert torch.load(scores, weights_only=True)["scores"].keys() == artifacts.load_pruned(
         str(tmp_path / "r" / artifacts.CHECKPOINT))[1]["keep"].keys()  # rewritten whole: every group scored
     assert rerun("importance,solve") == []  # and read back silently
+
+
+def test_a_model_pruned_elsewhere_is_recalibrated_before_fine_tuning(tmp_path):
+    """A pruned_checkpoint.pth written by save_pruned alone (another tool's model) records no BN recalibration:
+    the finetune stage re-estimates the statistics first, as the prune stage does for its own models; one written
+    by the prune stage records its own and is left alone."""
+    from test_distill_helpers import write_images
+
+    from pruning import build_channel_graph, prune_model
+
+    data = write_images(str(tmp_path / "images"), per_class=8)
+    cfg = _tiny_train_cfg(tmp_path, data, "stages=[finetune]", "bn_recalibration.num_images=8",
+                          "bn_recalibration.batch_size=4")
+    parent = timm.create_model("resnet18").eval()
+    graph = build_channel_graph(parent, 32)
+    keep = {g.name: list(range(0, g.width, 2)) for g in graph.prunable_groups()}
+    artifacts.save_pruned(prune_model(parent, graph, keep), str(tmp_path / "elsewhere"), "resnet18", 32, keep, "pruned",
+                          graph.protected_patterns)
+    run = Run(cfg, str(tmp_path / "elsewhere"), NullLogger())
+    run.preflight()
+    run.parent.load_state_dict(parent.state_dict())
+    report = run.run()
+    assert report["bn_recalibration"]["images"] == 8
+    assert torch.load(tmp_path / "elsewhere" / artifacts.CHECKPOINT, weights_only=False)["bn_recalibrated_images"] == 8
+
+    ours = Run(_tiny_train_cfg(tmp_path, data, "stages=[importance,solve,prune]"), str(tmp_path / "ours"), NullLogger())
+    ours.preflight()
+    ours.run()  # bn_recalibration.num_images=0 here: recorded as 0
+    later = Run(cfg, str(tmp_path / "ours"), NullLogger())
+    later.preflight()
+    assert "bn_recalibration" not in later.run()
