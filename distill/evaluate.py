@@ -85,7 +85,7 @@ def evaluate(
     net = unwrap(model).to(device)
     was_training = net.training
     net.eval()
-    loader = eval_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda")
+    loader = eval_loader(dataset, batch_size, workers, pin_memory=device.type == "cuda", shard=True)  # counts summed
     bar = tqdm(loader, desc="validate", unit="batch", disable=not progress or not D.is_main(), leave=False)
     try:
         with torch.no_grad():

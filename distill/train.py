@@ -457,7 +457,7 @@ class Trainer:
         self.module.eval()
         sums: dict[str, torch.Tensor] = {}
         try:
-            for images, labels in eval_loader(dataset, batch_size, self.cfg.workers):
+            for images, labels in eval_loader(dataset, batch_size, self.cfg.workers, shard=True):
                 images, labels = images.to(self.device), labels.to(self.device)
                 with autocast(self.cfg.amp, self.device):
                     t_logits, t_feats = (forward_no_grad(self.teacher, self._teacher_input(images), self.points)

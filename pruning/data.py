@@ -245,13 +245,16 @@ class ShardSampler(Sampler[int]):
 
 
 def eval_loader(dataset: Dataset, batch_size: int = 32, workers: int = 2, shuffle_seed: int | None = None,
-                pin_memory: bool = False) -> DataLoader:
-    """A loader without augmentation over this rank's share of ``dataset`` (all of it in a single process).
+                pin_memory: bool = False, shard: bool = False) -> DataLoader:
+    """A loader without augmentation over ``dataset``, or over this process's share of it.
 
     Args:
         shuffle_seed: visit the images in a seeded random order (so the first N are a random sample of
             classes, not the first classes); None keeps the dataset order.
         pin_memory: pin host memory for faster copies to a GPU.
+        shard: in a distributed run, give each process its own share (the caller then reduces across
+            processes); False: every process sees all of ``dataset``. A single process always sees all of it.
     """
-    sampler = ShardSampler(len(dataset), D.world_size(), D.rank(), shuffle_seed)
+    world, rank = (D.world_size(), D.rank()) if shard else (1, 0)
+    sampler = ShardSampler(len(dataset), world, rank, shuffle_seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory)

@@ -509,11 +509,13 @@ class Run:
     def _importance_batches(self):
         imp = self.cfg.importance
         # a seeded random order: the first num_images are a sample of all classes, not the first classes
-        return eval_loader(self._eval_set(self.train_set), imp.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
+        return eval_loader(self._eval_set(self.train_set), imp.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed,
+                           shard=True)  # the criteria sum over processes
 
     def _recalibrate(self) -> int:
         r = self.cfg.bn_recalibration
-        batches = eval_loader(self._eval_set(self.train_set), r.batch_size, self.cfg.data.workers, shuffle_seed=self.cfg.seed)
+        batches = eval_loader(self._eval_set(self.train_set), r.batch_size, self.cfg.data.workers,
+                              shuffle_seed=self.cfg.seed, shard=True)  # each rank its share; DDP syncs rank 0's
         used = recalibrate_bn(self.student, batches, r.num_images, progress=is_main())
         self._report("bn_recalibration", {"images": used})
         return used

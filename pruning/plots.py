@@ -3,18 +3,22 @@ from __future__ import annotations
 
 from typing import Mapping, Sequence
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # files only, no display
-import matplotlib.pyplot as plt  # noqa: E402
+from .graph import ChannelGraph
 
-from .graph import ChannelGraph  # noqa: E402
+
+def _figure(width: float, height: float):
+    """A figure and its axes outside pyplot: saving needs no backend, so importing this module leaves the
+    user's matplotlib backend (and any open figures) alone."""
+    fig = Figure(figsize=(width, height))
+    return fig, fig.subplots()
 
 
 def plot_kept_fractions(graph: ChannelGraph, series: Mapping[str, Mapping[str, int]], path: str, title: str) -> str:
     """Bar chart of kept/full width per prunable group, one bar series per entry of ``series``."""
     groups = graph.prunable_groups()
-    fig, ax = plt.subplots(figsize=(max(8, len(groups) * 0.22), 4))
+    fig, ax = _figure(max(8, len(groups) * 0.22), 4)
     width = 0.8 / max(1, len(series))
     for i, (label, widths) in enumerate(series.items()):
         xs = [j + i * width for j in range(len(groups))]
@@ -27,7 +31,6 @@ def plot_kept_fractions(graph: ChannelGraph, series: Mapping[str, Mapping[str, i
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: bars reach the top
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
@@ -36,7 +39,7 @@ def plot_against_macs(rows: Sequence[Mapping], y: str, ylabel: str, path: str, t
     points = [r for r in rows if r.get(y) is not None and r.get("macs_after") is not None]
     if not points:
         return None
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(6, 4)
     for label in sorted({r["method"] for r in points}):
         mine = sorted((r["macs_after"] / 1e6, r[y]) for r in points if r["method"] == label)
         ax.plot([m for m, _ in mine], [v for _, v in mine], marker="o", label=label)
@@ -52,13 +55,12 @@ def _finish(fig, ax, xlabel: str, ylabel: str, title: str, path: str) -> str:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
     return path
 
 
 def plot_learning_curve(curve: Sequence[Sequence[float]], teacher_top1: float | None, path: str, title: str) -> str:
     """Student top-1 against fine-tuning updates, with the teacher's top-1 as a line."""
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _figure(6, 4)
     ax.plot([s for s, _ in curve], [t for _, t in curve], marker="o", label="student")
     if teacher_top1 is not None:
         ax.axhline(teacher_top1, color="gray", linestyle="--", label="teacher (unpruned parent)")

@@ -87,3 +87,4 @@ def test_a_typo_in_an_option_is_caught():
         cfg.distill.gama = 1.0  # not a DistillConfig field
     with pytest.raises(Exception, match="gama"):
         instantiate(cfg.distill)
+

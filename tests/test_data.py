@@ -140,3 +140,16 @@ def test_shards_partition_the_dataset_without_repeats(world, seed):
 
         order = list(RandomSampler(range(10), generator=torch.Generator().manual_seed(seed)))
         assert [i for r in range(10) for s in shards for i in s[r:r + 1]] == order
+
+
+@pytest.mark.parametrize("shard,expected", [(False, list(range(10))), (True, [1, 3, 5, 7, 9])])
+def test_eval_loader_shards_only_when_asked(monkeypatch, shard, expected):
+    """Rank 1 of 2: a loader asked to shard sees its share (the caller reduces), any other sees everything."""
+    import pruning.distributed as D
+    from pruning.data import eval_loader
+
+    monkeypatch.setattr(D, "world_size", lambda: 2)
+    monkeypatch.setattr(D, "rank", lambda: 1)
+    data = torch.utils.data.TensorDataset(torch.arange(10))
+    seen = [int(i) for (batch,) in eval_loader(data, batch_size=4, workers=0, shard=shard) for i in batch]
+    assert seen == expected
