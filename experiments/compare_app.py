@@ -98,7 +98,7 @@ def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
 
     from peers import kept_channels, torch_pruning_to_macs
     from pruning import artifacts
-    from pruning.data import ImageListDataset, eval_loader, eval_transform
+    from pruning.data import ImageListDataset, eval_loader, eval_transform, take_images
     from pruning.loggers import NullLogger
     from pruning.pipeline import Run
     from pruning.prune import prune_model
@@ -110,7 +110,7 @@ def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
     size, n = cfg.model.img_size, cfg.importance.num_images
     images = ImageListDataset(app.train_set.samples, eval_transform(app.parent, size))
     loader = eval_loader(images, cfg.importance.batch_size, cfg.data.workers, shuffle_seed=cfg.seed)
-    batches = [b for _, b in zip(range(-(-n // cfg.importance.batch_size)), loader)]
+    batches = list(take_images(loader, n, "Torch-Pruning importance images", progress=False))
     pruned = torch_pruning_to_macs(app.parent, size, app.budget.macs, PEER_IMPORTANCE[criterion], batches).eval()
     keep = kept_channels(app.parent, pruned, app.graph)
     artifacts.save_pruned(prune_model(app.parent, app.graph, keep), run_dir, cfg.model.name, size, keep, "pruned",

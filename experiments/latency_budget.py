@@ -44,7 +44,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from distill import DistillConfig, TrainConfig, evaluate, finetune  # noqa: E402
 from peers import torch_pruning_until  # noqa: E402
 from pruning import CostModel, build_channel_graph  # noqa: E402
-from pruning.data import ImageListDataset, eval_loader, eval_transform, image_dataset  # noqa: E402
+from pruning.data import ImageListDataset, eval_loader, eval_transform, image_dataset, take_images  # noqa: E402
 from pruning.importance import create_importance  # noqa: E402
 from pruning.latency import load_or_profile, measure_latency  # noqa: E402
 from pruning.plots import plot_kept_fractions  # noqa: E402
@@ -194,7 +194,7 @@ def _prune(method: str, s: Setup, batch: int, target: float) -> torch.nn.Module:
         build = lambda f: search(s.parent, s.graph, scores, f, solver=solver).pruned  # noqa: E731
         return _largest_fitting(build, fits, 0.05, 1.0, s.args.bisections)
     loader, n = _batches(s.train, s.parent, s.args, s.args.importance_images)
-    batches = [b for _, b in zip(range(-(-n // 32)), loader)]
+    batches = list(take_images(loader, n, "Torch-Pruning importance images", progress=False))
     return torch_pruning_until(s.parent, s.args.img_size, fits, "taylor", batches, iterations=s.args.bisections)
 
 

@@ -71,7 +71,6 @@ class Run:
         self.parent: nn.Module | None = None
         self.student: nn.Module | None = None
         self.scores = self.solution = None
-        self.scores_read = False  # whether the cached scores were looked up (a corrupt file is reported once)
         self.unreadable_val: list[str] = []  # validation images dropped because they cannot be decoded
         # the student's kept channels per group, and the protection its graph was built with
         self.keep: dict[str, list[int]] | None = None
@@ -264,9 +263,7 @@ class Run:
     def stage_importance(self) -> None:
         """Per-channel scores for every prunable group; loaded from the cache when computed before."""
         path = self._scores_path()
-        if self.scores is None and not self.scores_read:
-            self.scores = self._cached_scores()
-        if self.scores is None:
+        if self.scores is None:  # preflight found no usable cached scores
             batches = self._importance_batches() if self.criterion.needs_data else None
             self.scores = self.criterion(self.parent, self.graph, batches)
             if is_main():
@@ -277,7 +274,7 @@ class Run:
 
     def stage_solve(self) -> None:
         """Kept widths and channels under every budget (the knapsack)."""
-        scores = self.scores if self.scores is not None else self._load_scores()
+        scores = self._load_scores()
         b, s = self.cfg.budget, self.cfg.solver
         problem = knapsack_problem(self.graph, scores, self.constraints, b.round_to, b.min_keep_fraction, self.removable)
         if self.latency_table is not None and self.cfg.latency.verify_iterations > 0:
@@ -455,7 +452,7 @@ class Run:
     def _cached_scores(self):
         """This configuration's cached importance scores; None when there are none or the file is corrupt or
         truncated (a warning says so, and the importance stage recomputes and rewrites them)."""
-        path, self.scores_read = self._scores_path(), True
+        path = self._scores_path()
         if not os.path.isfile(path):
             return None
         try:
@@ -465,9 +462,7 @@ class Run:
             return None
 
     def _load_scores(self):
-        if self.scores is None and not self.scores_read:
-            self.scores = self._cached_scores()
-        if self.scores is None:
+        if self.scores is None:  # preflight looked in the cache
             raise PipelineError("no usable importance scores for this configuration: add the importance stage "
                                 f"(stages=[importance,solve,...]); looked for {self._scores_path()}")
         return self.scores
