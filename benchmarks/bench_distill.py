@@ -23,18 +23,19 @@ from torch.utils.data import TensorDataset
 
 from distill import DistillConfig, TrainConfig
 from distill.loss import forward_no_grad
+from distill.precision import autocast
 from distill.train import Trainer
 from pruning import build_channel_graph, create_model, prune_to_widths
 from pruning.count import count_model
 from pruning.importance import create_importance
 from pruning.paper import paper_widths
 from pruning.search import search
+from pruning.speed import synchronize
 
 
-def _trainer(student, teacher, method: str, args, data, out: str, **overrides) -> Trainer:
-    train = TrainConfig(batch_size=args.batch, img_size=args.img_size, workers=0, lr=1e-3,
-                        channels_last=args.channels_last, **overrides)
-    return Trainer(copy.deepcopy(student), teacher, data, DistillConfig(method=method), train, out, progress=False)
+def _trainer(student, teacher, method: str, data, out: str, **train) -> Trainer:
+    return Trainer(copy.deepcopy(student), teacher, data, DistillConfig(method=method), TrainConfig(workers=0, lr=1e-3, **train),
+                   out, progress=False)
 
 
 def _student(teacher, graph, args):
@@ -43,10 +44,41 @@ def _student(teacher, graph, args):
     return search(teacher, graph, create_importance("l1")(teacher, graph), args.budget).pruned
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device) -> float:
+    synchronize(device)
     start = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - start
+
+
+def step_times(student, teacher, x: torch.Tensor, y: torch.Tensor, rounds: int = 7, **train) -> tuple[dict[str, float], Trainer]:
+    """Median seconds per training step of a cross-entropy student, an inner-distillation student (fast teacher:
+    BN folded, channels-last) and one with a plain teacher, plus the teacher's forward alone; interleaved rounds,
+    the first dropped. ``train``: :class:`TrainConfig` fields (batch_size, img_size, amp, channels_last, ...).
+    Also returns the inner-distillation trainer (its points and projections describe the step)."""
+    data = TensorDataset(x, y)
+    with tempfile.TemporaryDirectory() as out:
+        steps = {
+            "ce": _trainer(student, None, "ce", data, out, **train),
+            "inner": _trainer(student, teacher, "inner", data, out, **train),
+            "inner (plain teacher)": _trainer(student, teacher, "inner", data, out, **train,
+                                              teacher_fold_bn=False, teacher_channels_last=False),
+        }
+    fast = steps["inner"]
+    calls = {name: (lambda t=t: t.train_step(x, y)) for name, t in steps.items()}
+    xd = x.to(fast.device)
+
+    def teacher_only():
+        with autocast(train.get("amp"), fast.device):
+            forward_no_grad(fast.teacher, fast._teacher_input(xd), fast.points)
+
+    calls["teacher forward only"] = teacher_only
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(rounds + 1):  # the first round warms up and is dropped
+        for name, fn in calls.items():
+            times[name].append(_timed(fn, fast.device))
+    return {k: statistics.median(v[1:]) for k, v in times.items()}, fast
 
 
 def main() -> None:
@@ -64,29 +96,14 @@ def main() -> None:
     graph = build_channel_graph(teacher, args.img_size)
     student = _student(teacher, graph, args)
     x, y = torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 1000, (args.batch,))
-    data = TensorDataset(x, y)
-    with tempfile.TemporaryDirectory() as out:
-        steps = {
-            "ce": _trainer(student, None, "ce", args, data, out),
-            "inner": _trainer(student, teacher, "inner", args, data, out),
-            "inner (plain teacher)": _trainer(student, teacher, "inner", args, data, out,
-                                              teacher_fold_bn=False, teacher_channels_last=False),
-        }
-        fast = steps["inner"]
-        calls = {name: (lambda t=t: t.train_step(x, y)) for name, t in steps.items()}
-        calls["teacher forward only"] = lambda: forward_no_grad(fast.teacher, fast._teacher_input(x), fast.points)
-        times = {name: [] for name in calls}
-        for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-            for name, fn in calls.items():
-                times[name].append(_timed(fn))
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    med, fast = step_times(student, teacher, x, y, args.rounds, batch_size=args.batch, img_size=args.img_size,
+                           channels_last=args.channels_last)
     macs = (count_model(student, args.img_size).macs, count_model(teacher, args.img_size).macs)
     print(f"{args.model}@{args.img_size} pruned to {args.budget} ({args.widths} widths; {macs[0]:,} of {macs[1]:,} MACs), "
           f"batch {args.batch}, student {'channels-last' if args.channels_last else 'contiguous'}, torch threads {torch.get_num_threads()}, {args.rounds} rounds, {len(fast.points)} matched points, "
           f"{len(fast.module.projections)} projections")
     for name, t in med.items():
         print(f"{name:>22}: {t * 1000:8.1f} ms/step  ratio vs ce {t / med['ce']:.3f}")
-
 
 if __name__ == "__main__":
     main()

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from pruning import build_channel_graph, create_model
 from pruning.importance import create_importance
+from pruning.speed import synchronize
 
 
 def _plain_step(model, x, y) -> None:
@@ -23,10 +24,28 @@ def _plain_step(model, x, y) -> None:
     F.cross_entropy(model(x), y).backward()
 
 
-def _timed(fn) -> float:
+def _timed(fn, device: torch.device) -> float:
+    synchronize(device)
     t = time.perf_counter()
     fn()
+    synchronize(device)
     return time.perf_counter() - t
+
+
+def importance_times(model, graph, x: torch.Tensor, y: torch.Tensor, rounds: int = 5, batches: int = 4) -> dict[str, float]:
+    """Median seconds per call of ``batches`` plain forward+backward steps and of each Taylor criterion on the same
+    ``batches`` batches, timed in interleaved rounds (the first round warms up and is dropped). ``model``, ``x``
+    and ``y`` are on the device to measure."""
+    criteria = {n: create_importance(n, num_images=len(x) * batches, progress=False)
+                for n in ("taylor_weight", "taylor_activation")}
+    device = x.device
+    calls = {"plain": lambda: [_plain_step(model, x, y) for _ in range(batches)],
+             **{n: (lambda crit=crit: crit(model, graph, [(x, y)] * batches)) for n, crit in criteria.items()}}
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    for _ in range(rounds + 1):
+        for n, fn in calls.items():
+            times[n].append(_timed(fn, device))
+    return {k: statistics.median(v[1:]) for k, v in times.items()}
 
 
 def main() -> None:
@@ -42,18 +61,11 @@ def main() -> None:
     graph = build_channel_graph(model, args.img_size)
     x, y = torch.randn(args.batch, 3, args.img_size, args.img_size), torch.randint(0, 1000, (args.batch,))
     n_img = args.batch * args.batches
-    criteria = {n: create_importance(n, num_images=n_img, progress=False) for n in ("taylor_weight", "taylor_activation")}
-    times = {"plain": [], **{n: [] for n in criteria}}
-    for _ in range(args.rounds + 1):  # the first round warms up and is dropped
-        times["plain"].append(_timed(lambda: [_plain_step(model, x, y) for _ in range(args.batches)]))
-        for n, crit in criteria.items():
-            times[n].append(_timed(lambda crit=crit: crit(model, graph, [(x, y)] * args.batches)))
-    med = {k: statistics.median(v[1:]) for k, v in times.items()}
+    med = importance_times(model, graph, x, y, args.rounds, args.batches)
     print(f"{args.model}@{args.img_size} batch {args.batch} x {args.batches} per call, torch threads {torch.get_num_threads()}, {args.rounds} rounds")
     print(f"plain forward+backward: {n_img / med['plain']:.2f} img/s")
-    for n in criteria:
+    for n in ("taylor_weight", "taylor_activation"):
         print(f"{n}: {n_img / med[n]:.2f} img/s, throughput ratio vs plain {med['plain'] / med[n]:.3f}")
-
 
 if __name__ == "__main__":
     main()

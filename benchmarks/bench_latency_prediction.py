@@ -63,13 +63,14 @@ def run_one(name: str, img_size: int, batch: int, args: argparse.Namespace) -> d
     graph = build_channel_graph(model, img_size)
     start = time.perf_counter()
     align = args.align if args.align == "auto" else int(args.align)
-    table = load_or_profile(model, graph, name, args.cache_dir, batch=batch, threads=args.threads,
+    device = args.device
+    table = load_or_profile(model, graph, name, args.cache_dir, batch=batch, threads=args.threads, device=device,
                             backend=args.backend, align=align, progress=not args.no_progress)
     table_seconds = time.perf_counter() - start
     cost = table.cost(graph)
     configs = draw_configs(graph, table, args.configs, args.seed, args.any_width, args.remove_blocks)
     models = {"parent": model, **{f"c{i:02d}": prune_to_widths(model, graph, w) for i, w in enumerate(configs)}}
-    measured = measure_latency(models, img_size, batch=batch, threads=args.threads, backend=args.backend,
+    measured = measure_latency(models, img_size, batch=batch, threads=args.threads, device=device, backend=args.backend,
                                rounds=args.rounds)
     points = [{"config": "parent", "widths": {}, "predicted_ms": cost(None), "measured_ms": measured["parent"]}]
     for i, widths in enumerate(configs):
@@ -86,7 +87,8 @@ def run_one(name: str, img_size: int, batch: int, args: argparse.Namespace) -> d
     errors = [abs(p["error"]) for p in points[1:]]
     relative = [abs(p["error_vs_parent"]) for p in points[1:]]
     return {
-        "model": name, "img_size": img_size, "batch": batch, "threads": args.threads, "backend": args.backend,
+        "model": name, "img_size": img_size, "batch": batch, "threads": args.threads, "device": device,
+        "backend": args.backend,
         "align": 1 if args.any_width else table.align, "table_align": table.align, "table": table.path,
         "table_reused": table.reused, "table_seconds": table_seconds, "profile_seconds": table.seconds,
         "measured_shapes": table.measured, "table_parent_ms": table.parent_ms,
@@ -97,7 +99,7 @@ def run_one(name: str, img_size: int, batch: int, args: argparse.Namespace) -> d
 
 
 def print_result(r: dict) -> None:
-    print(f"\n{r['model']} @ {r['img_size']}, batch {r['batch']}, {r['threads']} threads, {r['backend']}; widths: "
+    print(f"\n{r['model']} @ {r['img_size']}, batch {r['batch']}, {r['device']}, {r['threads']} threads, {r['backend']}; widths: "
           f"multiples of {r['align']}; table {'reused' if r['table_reused'] else 'profiled'} "
           f"({r['measured_shapes']} shapes, {r['profile_seconds']:.0f} s to profile)")
     print(f"parent when profiled {r['table_parent_ms']:.2f} ms, now {r['points'][0]['measured_ms']:.2f} ms")
@@ -120,6 +122,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--backend", default="torch")
+    ap.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (with cuda, --threads only sets the host's)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--any-width", action="store_true", help="widths not rounded to the table's alignment")
     ap.add_argument("--align", default="auto", help="the tables' alignment: auto (measured) or a channel multiple")

@@ -26,16 +26,20 @@ def _from_slurm() -> None:
 
 
 def init_distributed(backend: str | None = None) -> bool:
-    """Join the process group torchrun or SLURM describes; a no-op for one process.
+    """Join the process group torchrun or SLURM describes; a no-op for one plain process.
+
+    A launcher's single process (``torchrun --nproc_per_node=1``, which sets ``WORLD_SIZE=1``) joins a group of
+    one, so it runs exactly the code of N processes (NCCL, DDP, the collectives) and a one-GPU check proves them.
 
     Args:
         backend: ``nccl`` on GPU and ``gloo`` on CPU when None.
 
     Returns:
-        Whether this process is now part of a multi-process group.
+        Whether this process is now part of a process group (of one or more processes).
     """
     _from_slurm()
-    if is_distributed() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+    launched = "WORLD_SIZE" in os.environ and "MASTER_ADDR" in os.environ  # what init_process_group reads
+    if is_distributed() or not launched:
         return is_distributed()
     if torch.cuda.is_available():
         torch.cuda.set_device(default_device())
@@ -82,6 +86,12 @@ def collective_device() -> torch.device:
     return torch.device("cpu")
 
 
+def describe() -> dict[str, Any]:
+    """How this run is spread: processes, the collective backend (None without a group) and this rank's device."""
+    return {"processes": world_size(), "backend": dist.get_backend() if is_distributed() else None,
+            "device": str(default_device())}
+
+
 def barrier() -> None:
     """Wait for every rank (no-op in a single process)."""
     if is_distributed():
@@ -100,11 +110,23 @@ def main_first(build: Callable[[bool], T]) -> T:
     return result if is_main() else build(False)
 
 
+def _all_reduce(tensor: torch.Tensor, op: dist.ReduceOp) -> torch.Tensor:
+    """All-reduce ``tensor`` in place wherever it lives: NCCL reduces GPU tensors only, so a CPU tensor (a count,
+    a sum of scores) makes a round trip through the GPU."""
+    if not is_distributed():
+        return tensor
+    device = collective_device()
+    if tensor.device == device:
+        dist.all_reduce(tensor, op=op)
+        return tensor
+    moved = tensor.to(device)
+    dist.all_reduce(moved, op=op)
+    return tensor.copy_(moved)
+
+
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
-    """Sum ``tensor`` over ranks in place (returned for chaining)."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
+    """Sum ``tensor`` over ranks in place (returned for chaining), on any device."""
+    return _all_reduce(tensor, dist.ReduceOp.SUM)
 
 
 def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
@@ -114,10 +136,8 @@ def all_reduce_sum_(tensors: Iterable[torch.Tensor]) -> None:
 
 
 def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Maximum of ``tensor`` over ranks in place."""
-    if is_distributed():
-        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor
+    """Maximum of ``tensor`` over ranks in place, on any device."""
+    return _all_reduce(tensor, dist.ReduceOp.MAX)
 
 
 def all_gather_objects(obj: Any) -> list[Any]:

@@ -27,7 +27,7 @@ from .budget import (Budget, check_feasible, is_time, latency_constraint, params
                      resolve_budget)
 from .cost import CostModel
 from .data import ImageListDataset, eval_loader, eval_transform, image_dataset, random_indices
-from .distributed import barrier, default_device, is_main, main_first, world_size
+from .distributed import barrier, default_device, describe, is_main, main_first, world_size
 from .errors import UserInputError
 from .graph import build_channel_graph
 from .importance import Importance, ScoresFileError, load_scores, save_scores
@@ -257,7 +257,8 @@ class Run:
                 t = time.time()
                 getattr(self, f"stage_{stage}")()
                 self._report("timings", {stage: round(time.time() - t, 3)})
-        self._report("run", {"stages": self.stages, "config": OmegaConf.to_container(self.cfg, resolve=True)})
+        self._report("run", {"stages": self.stages, "distributed": describe(),
+                             "config": OmegaConf.to_container(self.cfg, resolve=True)})
         return artifacts.read_json(os.path.join(self.run_dir, artifacts.REPORT)) if is_main() else {}
 
     def stage_importance(self) -> None:

@@ -1,0 +1,59 @@
+"""pruning.distributed: who joins a process group, and collectives that accept a tensor on any device.
+
+NCCL reduces GPU tensors only; the importance stage once handed it CPU counts and failed on the first GPU run
+under torchrun ("No backend type associated with device type cpu"). The collectives now move such a tensor to
+the collective device and back, in place.
+"""
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pruning import distributed as D
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def group_of_one(request):
+    backend = request.param
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1)
+    try:
+        yield backend
+    finally:
+        dist.destroy_process_group()
+
+
+def _reduces_in_place(tensor: torch.Tensor) -> None:
+    device = tensor.device
+    assert D.all_reduce_sum(tensor) is tensor and tensor.device == device
+    assert D.all_reduce_max(tensor) is tensor and tensor.tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("group_of_one", ["gloo"], indirect=True)
+def test_collectives_keep_the_tensor_and_its_device(group_of_one):
+    assert D.describe() == {"processes": 1, "backend": "gloo", "device": str(D.default_device())}
+    _reduces_in_place(torch.tensor([1.0, 2.0]))
+
+
+@pytest.mark.skipif(not (torch.cuda.is_available() and dist.is_nccl_available()), reason="needs a CUDA GPU with NCCL")
+@pytest.mark.parametrize("group_of_one", ["nccl"], indirect=True)
+def test_nccl_reduces_cpu_and_gpu_tensors(group_of_one):
+    torch.cuda.set_device(0)
+    _reduces_in_place(torch.tensor([1.0, 2.0]))  # a CPU tensor: a round trip through the GPU
+    _reduces_in_place(torch.tensor([1.0, 2.0], device="cuda"))
+
+
+def test_only_a_launched_process_joins_a_group(monkeypatch):
+    for var in ("WORLD_SIZE", "MASTER_ADDR", "SLURM_NTASKS"):
+        monkeypatch.delenv(var, raising=False)
+    assert D.init_distributed() is False and not D.is_distributed()
+    monkeypatch.setenv("WORLD_SIZE", "1")  # a WORLD_SIZE without a rendezvous address is not a launcher's
+    assert D.init_distributed() is False and D.describe()["backend"] is None
