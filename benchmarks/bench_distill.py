@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from distill import DistillConfig, TrainConfig
+from distill import TrainConfig, create_loss
 from distill.loss import forward_no_grad
 from distill.train import Trainer
 from pruning import build_channel_graph, create_model, prune_to_widths
@@ -34,7 +34,7 @@ from pruning.search import search
 def _trainer(student, teacher, method: str, args, data, out: str, **overrides) -> Trainer:
     train = TrainConfig(batch_size=args.batch, img_size=args.img_size, workers=0, lr=1e-3,
                         channels_last=args.channels_last, **overrides)
-    return Trainer(copy.deepcopy(student), teacher, data, DistillConfig(method=method), train, out, progress=False)
+    return Trainer(copy.deepcopy(student), teacher, data, create_loss(method), train, out, progress=False)
 
 
 def _student(teacher, graph, args):
