@@ -21,7 +21,7 @@ import time
 import torch
 from torch.utils.data import TensorDataset
 
-from distill import DistillConfig, TrainConfig
+from distill import TrainConfig, create_loss
 from distill.loss import forward_no_grad
 from distill.precision import autocast
 from distill.train import Trainer
@@ -34,7 +34,7 @@ from pruning.speed import synchronize
 
 
 def _trainer(student, teacher, method: str, data, out: str, **train) -> Trainer:
-    return Trainer(copy.deepcopy(student), teacher, data, DistillConfig(method=method), TrainConfig(workers=0, lr=1e-3, **train),
+    return Trainer(copy.deepcopy(student), teacher, data, create_loss(method), TrainConfig(workers=0, lr=1e-3, **train),
                    out, progress=False)
 
 

@@ -50,7 +50,7 @@ from torch.utils.data import TensorDataset
 import bench_distill
 import bench_importance
 import bench_latency_prediction
-from distill import DistillConfig, TrainConfig
+from distill import TrainConfig, create_loss
 from distill.precision import autocast
 from distill.train import Trainer
 from pruning import build_channel_graph, create_model, prune_to_widths
@@ -166,7 +166,7 @@ def _finetune_mode(mode: str, m: dict, sizes: Sizes, out: str, device: torch.dev
                         checkpoint_minutes=None, **AMP[mode])
 
     def trainer(logger: _Recorder) -> Trainer:
-        return Trainer(copy.deepcopy(m["published_widths"]), m["dense"], data, DistillConfig(method="inner"), train,
+        return Trainer(copy.deepcopy(m["published_widths"]), m["dense"], data, create_loss("inner"), train,
                        out, logger=logger, progress=False)
 
     first = trainer(_Recorder(stop_at=half + 1))

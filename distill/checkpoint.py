@@ -63,10 +63,11 @@ def load_checkpoint(path: str) -> dict[str, Any] | None:
 
 def check_compatible(saved: dict[str, Any], current: dict[str, Any], path: str) -> None:
     """Raise a :class:`~pruning.errors.UserInputError` naming every config field that differs from the
-    checkpoint's (a different run)."""
-    diffs = [f"{section}.{k}: {v!r} -> {current[section].get(k)!r}"
+    checkpoint's (a different run). A saved field the current config does not have (a setting another loss
+    reads, or one of an older version's flat loss config) cannot change this run's result and is not compared."""
+    diffs = [f"{section}.{k}: {v!r} -> {current[section][k]!r}"
              for section in current for k, v in saved.get(section, {}).items()
-             if k not in RESUMABLE_CHANGES and current[section].get(k) != v]
+             if k not in RESUMABLE_CHANGES and k in current[section] and current[section][k] != v]
     if diffs:
         raise UserInputError(f"{path} belongs to a run with another configuration ({'; '.join(diffs)}); "
                          "use a new output folder or delete the checkpoint")

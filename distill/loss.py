@@ -1,73 +1,156 @@
-"""The fine-tuning losses: inner distillation (the authors'), logit distillation, plain cross-entropy.
+"""The fine-tuning losses' interface and what they share: :class:`DistillLoss`, its registry, the projections.
 
-``inner``: ``ce_weight * CE(student, y) + gamma / M * sum_m mean((P_m(f_S^m) - f_T^m)^2)`` over the M matched
-points (:mod:`distill.points`), where ``P_m`` is a learned bias-free 1x1 projection at points where the pruned
-student is narrower than the teacher and the identity elsewhere. ``kd``: ``ce_weight * CE + kd_weight * T^2 *
-KL(softmax(t/T) || softmax(s/T))``. ``ce``: cross-entropy alone, no teacher. CE uses label smoothing and skips
-images labelled -1 (no ImageNet class); with ``ce_weight=0`` the student learns from the teacher only.
+Each loss is one class in :mod:`distill.losses` (``ce``, ``kd``, ``inner``), registered with
+:func:`register_loss` and selected by name (``distill.name``; its YAML's other keys are the class's fields):
+
+* ``inner`` (the authors'): ``ce_weight * CE(student, y) + gamma / M * sum_m mean((P_m(f_S^m) - f_T^m)^2)`` over
+  the M matched points (:mod:`distill.points`), where ``P_m`` is a learned bias-free 1x1 projection at points
+  where the pruned student is narrower than the teacher and the identity elsewhere;
+* ``kd``: ``ce_weight * CE + kd_weight * T^2 * KL(softmax(t/T) || softmax(s/T))``;
+* ``ce``: cross-entropy alone, no teacher.
+
+CE uses label smoothing and skips images labelled -1 (no ImageNet class); with ``ce_weight=0`` the student
+learns from the teacher only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, ClassVar, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pruning._registry import Registry
 from pruning.distributed import all_reduce_sum
 from pruning.errors import UserInputError
-from .points import FeatureCapture, check_points, matched_points
+from .points import FeatureCapture
 
-METHODS = ("inner", "kd", "ce")
-PROJ_INITS = ("lstsq", "random")
+LOSSES: Registry[type["DistillLoss"]] = Registry(
+    "distillation loss", "distill=NAME; add one with distill.loss.register_loss",
+    builtins=("distill.losses",))
+
+
+def register_loss(name: str) -> Callable[[type["DistillLoss"]], type["DistillLoss"]]:
+    """Class decorator: make a :class:`DistillLoss` (a dataclass) available as ``distill=name``."""
+    return LOSSES.register(name)
+
+
+def create_loss(name: str, **kwargs: Any) -> "DistillLoss":
+    """The loss registered as ``name`` with these settings (a clear error for unknown names and settings)."""
+    return LOSSES.create(name, **kwargs)
+
+
+def loss_from_config(cfg: Mapping[str, Any]) -> "DistillLoss":
+    """The loss a ``distill/`` config selects: ``name`` picks it, every other key is one of its fields."""
+    return LOSSES.from_config(cfg)
 
 
 @dataclass
-class DistillConfig:
-    """What the student learns from.
+class DistillLoss:
+    """One fine-tuning loss: ``loss(logits, labels, student_feats, teacher_feats, teacher_logits) -> (total, terms)``.
+
+    Every loss computes the labelled cross-entropy ``ce`` (logged even at weight 0) and weighs it by
+    :attr:`label_weight`; a subclass adds its terms in :meth:`terms` (in float32). A new loss is a dataclass
+    subclass registered with ``@register_loss("name")``: its fields are the keys of ``conf/distill/NAME.yaml``,
+    checked in :meth:`check`. Class attributes and hooks say what the trainer must provide:
+
+    * ``needs_teacher``: the frozen teacher runs on every batch (``teacher_logits`` and ``teacher_feats``);
+    * :meth:`points_for`: the modules whose outputs are compared (``student_feats``, projected to the
+      teacher's widths, and ``teacher_feats``); none by default;
+    * :attr:`fit_projections`: start those projections at the least-squares map on one batch.
 
     Attributes:
-        method: ``inner`` (matched inner features + CE), ``kd`` (temperature KL on logits + CE) or ``ce``.
-        gamma: weight of the inner term; the mean over points is taken first (gamma / M * sum).
-        points: ``all`` (the default: stem, stages, head, pooled features, logits), ``authors`` (the output of
-            every top-level child and of every stage) or ``last`` (last stage only); see :mod:`distill.points`.
-        temperature: softmax temperature of ``kd``.
-        kd_weight: weight of the KL term of ``kd``.
-        label_smoothing: of the cross-entropy term (every method).
-        ce_weight: weight of the cross-entropy term of ``inner`` and ``kd``; 0 = the teacher only (label-free).
-            None: chosen from the training labels by :func:`default_ce_weight` (the pipeline does this); 1
-            when used directly. ``ce`` always uses 1.
-        proj_init: ``lstsq`` fits each projection to one batch by ridge least squares before training, so
-            the inner term starts from the best linear map instead of noise; ``random`` keeps torch's init.
+        label_smoothing: of the cross-entropy term.
     """
 
-    method: str = "inner"
-    gamma: float = 30.0
-    points: str = "all"
-    temperature: float = 4.0
-    kd_weight: float = 1.0
+    name: ClassVar[str] = ""
+    needs_teacher: ClassVar[bool] = False
     label_smoothing: float = 0.1
-    proj_init: str = "lstsq"
-    ce_weight: float | None = None
+
+    def __post_init__(self) -> None:
+        self.check()
 
     def check(self) -> None:
         """Raise a :class:`~pruning.errors.UserInputError` naming any bad field and its accepted forms."""
-        if self.method not in METHODS:
-            raise UserInputError(f"unknown distillation method {self.method!r}; choose one of {list(METHODS)}")
-        check_points(self.points)
-        if self.proj_init not in PROJ_INITS:
-            raise UserInputError(f"unknown projection init {self.proj_init!r}; choose one of {list(PROJ_INITS)}")
-        if self.temperature <= 0 or not 0 <= self.label_smoothing < 1:
-            raise UserInputError(f"need temperature > 0 and 0 <= label_smoothing < 1, got {self.temperature}, "
-                                 f"{self.label_smoothing}")
-        if self.ce_weight is not None and self.ce_weight < 0:
-            raise UserInputError(f"distill.ce_weight={self.ce_weight} must be >= 0 (0: learn from the teacher only) or "
-                             "null (chosen from the training labels)")
+        if not 0 <= self.label_smoothing < 1:
+            raise UserInputError(f"need 0 <= label_smoothing < 1, got {self.label_smoothing}")
 
     @property
-    def needs_teacher(self) -> bool:
-        """Every method but ``ce`` runs the teacher."""
-        return self.method != "ce"
+    def label_weight(self) -> float:
+        """The weight of cross-entropy in the total."""
+        return 1.0
+
+    @property
+    def fit_projections(self) -> bool:
+        """True: each projection starts at the ridge least-squares map from student to teacher on one batch."""
+        return False
+
+    def fit_to_labels(self, labels: list[int]) -> None:
+        """Choose the settings left to the data (``ce_weight: null``) from the training images' labels (-1: none)."""
+
+    def points_for(self, student: nn.Module, teacher: nn.Module | None) -> list[str]:
+        """The modules whose outputs this loss compares (both models must have them); none by default."""
+        return []
+
+    def settings(self) -> dict[str, Any]:
+        """The fields (for checkpoints: a resumed run must use the same)."""
+        return asdict(self)
+
+    def terms(self, logits: torch.Tensor, labels: torch.Tensor, student_feats: list[torch.Tensor],
+              teacher_feats: list[torch.Tensor], teacher_logits: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The loss's own terms beside ``ce``, by name (each added to the total with weight 1)."""
+        return {}
+
+    def __call__(
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        student_feats: list[torch.Tensor] = (),
+        teacher_feats: list[torch.Tensor] = (),
+        teacher_logits: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The total loss and its terms (``ce`` and :meth:`terms`), all computed in float32.
+
+        Args:
+            logits: student logits.
+            labels: class indices (-1: none).
+            student_feats: projected student features at :meth:`points_for`.
+            teacher_feats: teacher features at the same points.
+            teacher_logits: teacher logits (``needs_teacher``).
+        """
+        terms = {"ce": labelled_cross_entropy(logits, labels, self.label_smoothing)}  # logged even at weight 0
+        terms.update(self.terms(logits, labels, list(student_feats), list(teacher_feats), teacher_logits))
+        # 0 * CE, not no CE: every parameter stays in the graph (DDP expects a gradient for each)
+        return self.label_weight * terms["ce"] + sum(v for k, v in terms.items() if k != "ce"), terms
+
+
+@dataclass
+class TeacherLoss(DistillLoss):
+    """A loss that learns from the teacher next to the labels: cross-entropy weighs ``ce_weight``.
+
+    Attributes:
+        ce_weight: weight of the cross-entropy term; 0 = the teacher only (label-free). None: chosen from the
+            training labels by :meth:`fit_to_labels` (:func:`default_ce_weight`; the pipeline does this); 1 when
+            used directly.
+    """
+
+    needs_teacher: ClassVar[bool] = True
+    ce_weight: float | None = None
+
+    def check(self) -> None:
+        super().check()
+        if self.ce_weight is not None and self.ce_weight < 0:
+            raise UserInputError(f"distill.ce_weight={self.ce_weight} must be >= 0 (0: learn from the teacher only) or "
+                                 "null (chosen from the training labels)")
+
+    @property
+    def label_weight(self) -> float:
+        return 1.0 if self.ce_weight is None else self.ce_weight
+
+    def fit_to_labels(self, labels: list[int]) -> None:
+        if self.ce_weight is None:
+            self.ce_weight = default_ce_weight(labels)
 
 
 def _projection(student_width: int, teacher_width: int, ndim: int) -> nn.Module:
@@ -158,33 +241,6 @@ def forward_no_grad(model: nn.Module, x: torch.Tensor, points: list[str]) -> tup
             return logits, capture.pop()
 
 
-class _FeatureMSE(torch.autograd.Function):
-    """``mean((s - t)^2)`` whose gradient has ``s``'s memory layout, whatever ``t``'s.
-
-    ``F.mse_loss`` returns a contiguous gradient even for channels-last inputs, which turns the rest of a
-    channels-last student's backward into slow layout conversions (+50% backward time on CPU). A channels-last
-    teacher feature against a contiguous student one is subtracted as is: cheaper than converting it first.
-    """
-
-    @staticmethod
-    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
-        diff = _layout_like(student - teacher, student)
-        ctx.save_for_backward(diff)
-        return torch.linalg.vector_norm(diff).square() / diff.numel()
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        (diff,) = ctx.saved_tensors
-        return diff * (2 * grad / diff.numel()), None
-
-
-def _layout_like(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``t`` in ``like``'s memory layout (a no-op when it already is, the usual case)."""
-    if t.dim() != 4 or like.is_contiguous() == t.is_contiguous():
-        return t
-    return t.contiguous(memory_format=torch.contiguous_format if like.is_contiguous() else torch.channels_last)
-
-
 def labelled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Mean cross-entropy over the images with a label (>= 0); 0 (still attached to the graph) when none has."""
     labelled = labels >= 0
@@ -209,42 +265,6 @@ def default_ce_weight(labels: list[int]) -> float:
     return 1.0 if len(counts) == 1000 and int(counts.min()) >= FULL_IMAGENET_MIN_PER_CLASS else 0.0
 
 
-def distill_loss(
-    config: DistillConfig,
-    logits: torch.Tensor,
-    labels: torch.Tensor,
-    student_feats: list[torch.Tensor] = (),
-    teacher_feats: list[torch.Tensor] = (),
-    teacher_logits: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The total loss and its terms (``ce`` and ``inner`` or ``kd``), all computed in float32.
-
-    Args:
-        config: the method and its weights.
-        logits: student logits.
-        labels: class indices.
-        student_feats: projected student features at the matched points (``inner``).
-        teacher_feats: teacher features at the same points (``inner``).
-        teacher_logits: teacher logits (``kd``).
-    """
-    terms = {"ce": labelled_cross_entropy(logits, labels, config.label_smoothing)}  # logged even at weight 0
-    if config.method == "inner":
-        if not student_feats or len(student_feats) != len(teacher_feats):
-            raise ValueError(f"inner distillation needs as many student as teacher features, got {len(student_feats)} and {len(teacher_feats)}")
-        mse = [_FeatureMSE.apply(s.float(), t.float()) for s, t in zip(student_feats, teacher_feats)]
-        terms["inner"] = config.gamma / len(mse) * torch.stack(mse).sum()
-    elif config.method == "kd":
-        if teacher_logits is None:
-            raise ValueError("kd distillation needs the teacher's logits")
-        temp = config.temperature
-        kl = F.kl_div(F.log_softmax(logits.float() / temp, 1), F.log_softmax(teacher_logits.float() / temp, 1),
-                      reduction="batchmean", log_target=True)
-        terms["kd"] = config.kd_weight * temp * temp * kl
-    ce_weight = 1.0 if config.method == "ce" or config.ce_weight is None else config.ce_weight
-    # 0 * CE, not no CE: every parameter stays in the graph (DDP expects a gradient for each)
-    return ce_weight * terms["ce"] + sum(v for k, v in terms.items() if k != "ce"), terms
-
-
 def matched_feature_shapes(
     student: nn.Module, teacher: nn.Module, points: list[str], img_size: int, device: torch.device
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
@@ -258,14 +278,3 @@ def matched_feature_shapes(
     finally:
         student.train(was_training)
     return s, t
-
-
-def points_for(config: DistillConfig, student: nn.Module, teacher: nn.Module | None) -> list[str]:
-    """The matched points of ``inner`` (both models must have them), none for the other methods."""
-    if config.method != "inner":
-        return []
-    points = matched_points(student, config.points)
-    missing = [p for p in points if p not in dict(teacher.named_modules())]
-    if missing:
-        raise ValueError(f"the teacher has no modules {missing}; is it the student's unpruned parent?")
-    return points

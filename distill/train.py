@@ -31,8 +31,8 @@ from pruning.errors import UserInputError
 from .checkpoint import LAST, check_compatible, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from .data import EpochSeededDataset, ResumableSampler, train_loader, train_transform, with_transform
 from .evaluate import check_dataset, evaluate
-from .loss import DistillConfig, DistillStudent, build_projections, distill_loss, fit_projection, forward_no_grad
-from .loss import matched_feature_shapes, point_key, points_for
+from .loss import DistillLoss, DistillStudent, build_projections, fit_projection, forward_no_grad, matched_feature_shapes
+from .loss import point_key
 from .precision import autocast, check_amp, grad_scaler
 from .teacher import prepare_teacher
 
@@ -144,7 +144,7 @@ def finetune(
     student: nn.Module,
     teacher: nn.Module | None,
     train_set: Dataset,
-    distill: DistillConfig,
+    distill: DistillLoss,
     train: TrainConfig,
     out_dir: str,
     logger: Logger | None = None,
@@ -156,10 +156,11 @@ def finetune(
 
     Args:
         student: the pruned model, initialised from the parent's kept weights (moved to the device).
-        teacher: the unpruned parent, left unchanged (a frozen copy runs). Not needed for ``method="ce"``.
+        teacher: the unpruned parent, left unchanged (a frozen copy runs). Not needed by losses without
+            ``needs_teacher`` (``ce``).
         train_set: ``(image, label)`` pairs; when its ``transform`` is None, timm's training transform at
             ``train.img_size`` is used.
-        distill: the loss.
+        distill: the loss (:func:`distill.create_loss`, e.g. ``create_loss("inner", gamma=30.0)``).
         train: the optimisation.
         out_dir: the run folder (checkpoints); every rank must see the same folder.
         logger: any object with ``log(metrics, step)``, called on rank 0; None = no logging.
@@ -176,14 +177,16 @@ def finetune(
                    sample_weights).run()
 
 
-def _check_inputs(distill: DistillConfig, train: TrainConfig, teacher, train_set: Dataset, device: torch.device) -> None:
+def _check_inputs(distill: DistillLoss, train: TrainConfig, teacher, train_set: Dataset, device: torch.device) -> None:
     """Every cheap check, before any model is touched."""
+    if not isinstance(distill, DistillLoss):
+        raise TypeError(f"distill must be a DistillLoss (distill.create_loss), got {type(distill).__name__}")
     distill.check()
     train.check()
     check_amp(train.amp, device)
     check_dataset(train_set, "training")
     if distill.needs_teacher and teacher is None:
-        raise UserInputError(f"method {distill.method!r} needs the unpruned teacher; pass it, or use method='ce'")
+        raise UserInputError(f"loss {distill.name!r} needs the unpruned teacher; pass it, or use the loss 'ce'")
 
 
 def _seed_everything(seed: int) -> None:
@@ -204,7 +207,7 @@ class Trainer:
         self.path = os.path.join(out_dir, LAST)
         _seed_everything(train.seed + D.rank())
         self._setup_data(train_set, student, sample_weights)
-        self.points = points_for(distill, student, teacher)
+        self.points = distill.points_for(student, teacher)
         self.teacher = self._setup_teacher(teacher)
         self.module = self._setup_module(student)
         self._setup_optimisation()
@@ -272,7 +275,7 @@ class Trainer:
     def _config(self) -> dict[str, Any]:
         weights = self.sampler.weights
         sampling = None if weights is None else hashlib.sha1(weights.numpy().tobytes()).hexdigest()[:16]
-        return {"train": asdict(self.cfg), "distill": asdict(self.distill),
+        return {"train": asdict(self.cfg), "distill": {"method": self.distill.name, **self.distill.settings()},
                 "run": {"world_size": D.world_size(), "images": len(self.dataset), "sampling": sampling}}
 
     def _state(self) -> dict[str, Any]:
@@ -327,7 +330,7 @@ class Trainer:
 
     def _init_projections(self) -> None:
         """Fit the projections to the first batch (eval mode: the student's BN statistics stay untouched)."""
-        if self.distill.proj_init != "lstsq" or not len(self.module.projections):
+        if not self.distill.fit_projections or not len(self.module.projections):
             return
         images, _ = next(iter(self._loader()))
         images = images.to(self.device)
@@ -361,7 +364,7 @@ class Trainer:
 
     def run(self) -> FinetuneResult:
         """Train until ``total_steps`` updates are done (none when a finished run was resumed)."""
-        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"finetune ({self.distill.method})", unit="step",
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"finetune ({self.distill.name})", unit="step",
                    disable=not self.progress or not D.is_main())
         self.last_save = _clock()  # checkpoint_minutes counts from here, then from each checkpoint
         try:
@@ -415,7 +418,7 @@ class Trainer:
             t_logits, t_feats = (forward_no_grad(self.teacher, self._teacher_input(images), self.points)
                                  if self.teacher is not None else (None, []))
             logits, s_feats = self.net(self._student_input(images))
-            loss, terms = distill_loss(self.distill, logits, labels, s_feats, t_feats, t_logits)
+            loss, terms = self.distill(logits, labels, s_feats, t_feats, t_logits)
         self._check_finite(loss, terms)
         self._update(loss)
         return {"loss": loss.detach(), **{k: v.detach() for k, v in terms.items()}}
@@ -463,7 +466,7 @@ class Trainer:
                     t_logits, t_feats = (forward_no_grad(self.teacher, self._teacher_input(images), self.points)
                                          if self.teacher is not None else (None, []))
                     logits, s_feats = self.module(self._student_input(images))
-                    loss, terms = distill_loss(self.distill, logits, labels, s_feats, t_feats, t_logits)
+                    loss, terms = self.distill(logits, labels, s_feats, t_feats, t_logits)
                 for k, v in {"loss": loss, **terms}.items():
                     sums[k] = sums.get(k, 0) + v.double().cpu() * len(images)
         finally:

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from distill import DistillConfig, TrainConfig, validate_pair
+from distill import TrainConfig, create_loss, validate_pair
 from distill.train import Trainer
 from pruning import build_channel_graph
 from pruning.data import ImageListDataset, eval_loader, eval_transform, image_dataset, subset
@@ -116,7 +116,7 @@ def _datasets(teacher, args) -> tuple[dict, ImageListDataset]:
 def _trainer(method: str, student, teacher, train_set, args) -> Trainer:
     train = TrainConfig(epochs=args.epochs, max_steps=args.max_steps, batch_size=args.batch, lr=args.lr, warmup_epochs=0.1,
                         img_size=args.img_size, workers=args.workers, log_every=10, seed=0)
-    distill = DistillConfig(method=method, gamma=args.gamma)
+    distill = create_loss(method, **({"gamma": args.gamma} if method == "inner" else {}))  # gamma: inner's only
     return Trainer(student, teacher if distill.needs_teacher else None, train_set, distill, train, os.path.join(args.run_dir, method))
 
 

@@ -41,7 +41,7 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from distill import DistillConfig, TrainConfig, evaluate, finetune  # noqa: E402
+from distill import TrainConfig, create_loss, evaluate, finetune  # noqa: E402
 from peers import torch_pruning_until  # noqa: E402
 from pruning import CostModel, build_channel_graph  # noqa: E402
 from pruning.data import ImageListDataset, eval_loader, eval_transform, image_dataset, take_images  # noqa: E402
@@ -111,7 +111,7 @@ def _finetune(student, parent, train, args, out):
     """Every method alike: inner distillation under the parent (the app's ``distill=inner``)."""
     cfg = TrainConfig(epochs=1, max_steps=args.steps, batch_size=args.batch, lr=args.lr, img_size=args.img_size,
                       workers=args.workers, seed=0, log_every=25)
-    result = finetune(student, parent, ImageListDataset(train.samples), DistillConfig(method="inner", gamma=args.gamma),
+    result = finetune(student, parent, ImageListDataset(train.samples), create_loss("inner", gamma=args.gamma),
                       cfg, out, progress=False)
     return result.student.eval()
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 
 from .graph import ChannelGraph
-from .layers import (ChannelMap, ElementwiseRule, LayerCost, LayerRule, TypeRegistry, UnsupportedLayerError, find_rule,
-                     register_rule)
+from ._registry import TypeRegistry
+from .layers import ChannelMap, ElementwiseRule, LayerCost, LayerRule, UnsupportedLayerError, find_rule, register_rule
 
 
 @dataclass(frozen=True)
@@ -77,17 +77,17 @@ class BlockRule:
         return _foldable_bias(getattr(block, self.norm))
 
 
-_BLOCK_RULES = TypeRegistry()
+BLOCK_RULES: TypeRegistry[BlockRule] = TypeRegistry("block rule")
 
 
 def register_block(*module_types: type) -> Callable[[type[BlockRule]], type[BlockRule]]:
     """Class decorator registering a block rule (instantiated once) for ``module_types`` and subclasses."""
-    return _BLOCK_RULES.register(*module_types)
+    return BLOCK_RULES.register(*module_types)
 
 
 def find_block_rule(module: nn.Module) -> BlockRule | None:
     """The block rule for ``module``'s type or its nearest registered base class, else None."""
-    return _BLOCK_RULES.find(module)
+    return BLOCK_RULES.find(module)
 
 
 def _foldable_bias(norm: nn.Module) -> torch.Tensor | None:

@@ -9,6 +9,8 @@ Accepted forms, per cost (config key in brackets):
 * parameters (``budget.params``): a count (``3000000``, ``3M``) or a fraction of the parent's (``0.5``, ``50%``).
 * latency (``budget.latency``): a time (``8ms``, ``800us``, ``0.008s``) or a fraction of the parent's measured
   latency (``0.6``, ``60%``) at ``budget.latency_batch`` images per forward pass.
+* any registered cost (``budget.limits.NAME``, :func:`pruning.cost.register_cost`): an amount in its unit or a
+  fraction of the parent's, as for parameters.
 
 Any combination may be given; each becomes a :class:`~pruning.solve.Constraint`. Infeasible limits fail
 before any solving, naming the lowest achievable value.
@@ -49,8 +51,10 @@ class Budget:
 # ----------------------------------------------------------------------------------------- parsing
 
 
-def _parse_count(spec: str | float | int, parent: int, accepted: str, names: Mapping[str, int]) -> int:
-    """A count with an optional K/M/G suffix, a fraction in (0, 1] or a percentage, or a known name."""
+def _parse_count(spec: str | float | int, parent: int | float, accepted: str, names: Mapping[str, int],
+                 integral: bool = True) -> int | float:
+    """A count with an optional K/M/G suffix, a fraction in (0, 1] or a percentage, or a known name (rounded to an
+    integer unless ``integral`` is False)."""
     if isinstance(spec, str) and spec in names:
         return names[spec]
     m = _NUMBER.match(str(spec))
@@ -61,8 +65,8 @@ def _parse_count(spec: str | float | int, parent: int, accepted: str, names: Map
         fraction = value / 100 if suffix == "%" else value
         if not 0 < fraction <= 1:
             raise UserInputError(f"budget {spec!r} is a fraction outside (0, 1]; expected {accepted}")
-        return int(fraction * parent)
-    return int(round(value * _SUFFIX[suffix]))
+        return int(fraction * parent) if integral else fraction * parent
+    return int(round(value * _SUFFIX[suffix])) if integral else value * _SUFFIX[suffix]
 
 
 def parse_latency(spec: str | float | int, parent_ms: float) -> float:
@@ -119,11 +123,22 @@ def macs_constraint(spec: str | float | int, cost: Cost) -> Constraint:
 
 def params_constraint(spec: str | float | int, cost: Cost) -> Constraint:
     """``cost`` (a parameter cost) limited by a parameter budget as typed."""
+    return cost_constraint(spec, cost, ACCEPTED_PARAMS)
+
+
+def cost_constraint(spec: str | float | int, cost: Cost, accepted: str | None = None) -> Constraint:
+    """Any cost (``budget.params``, ``budget.limits.NAME``) limited by a value as typed: an amount in the cost's
+    unit (``3M``, ``2.5e6``, ``120``) or a fraction of the parent's (``0.5``, ``50%``).
+
+    Raises:
+        UserInputError: a malformed budget, or one above the parent's cost (nothing to prune).
+    """
+    accepted = accepted or f"an amount of {cost.unit} (3000000, 3M, 2.5e6) or a fraction of the parent's (0.5 or 50%)"
     parent = cost()
-    limit = _parse_count(spec, parent, ACCEPTED_PARAMS, {})
+    limit = _parse_count(spec, parent, accepted, {}, cost.integral)
     if limit > parent:
-        raise UserInputError(f"params budget {spec!r} = {limit:,} exceeds the unpruned model's {parent:,}; nothing to "
-                             f"prune. Give a smaller budget: {ACCEPTED_PARAMS}")
+        raise UserInputError(f"{cost.name} budget {spec!r} = {_fmt(limit)} exceeds the unpruned model's {_fmt(parent)}; "
+                             f"nothing to prune. Give a smaller budget: {accepted}")
     return Constraint(cost, limit, str(spec))
 
 

@@ -12,19 +12,39 @@ Terms:
 * :class:`Interpolated`: values measured on a grid of widths, multilinear in between (latency tables,
   :mod:`pruning.latency`).
 
-A new kind of cost is a :class:`Cost` built from these terms (or from any new term with ``groups`` and a
-vectorised ``__call__``).
+A new kind of cost is a function ``(graph, model) -> Cost`` built from these terms (or from any new term with
+``groups`` and a vectorised ``__call__``), registered with :func:`register_cost`; a budget then limits it by
+name (``budget.limits.NAME=0.5``, :mod:`pruning.budget`). ``macs`` and ``params`` are registered here; latency
+is not a registered cost: its table is measured on the device (:mod:`pruning.latency`, ``budget.latency``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Protocol
+from typing import Callable, Mapping, Protocol
 
 import numpy as np
 from torch import nn
 
+from ._registry import Registry
 from .graph import ChannelGraph
 from .layers import ChannelMap
+
+CostFn = Callable[..., "Cost"]
+COSTS: Registry[CostFn] = Registry("cost", "budget.limits.NAME=LIMIT; add one with pruning.cost.register_cost")
+
+
+def register_cost(name: str) -> Callable[[CostFn], CostFn]:
+    """Decorator registering ``fn(graph, model=None) -> Cost`` (a cost named ``name``) for budgets to limit."""
+    return COSTS.register(name)
+
+
+def create_cost(name: str, graph: ChannelGraph, model: nn.Module | None = None) -> "Cost":
+    """The cost registered as ``name`` for ``graph`` (and ``model``, for costs that need its parameters)."""
+    cost = COSTS.create(name, graph, model)
+    if cost.name != name:
+        raise ValueError(f"the cost registered as {name!r} returned a cost named {cost.name!r}; the names must match "
+                         "(budgets and reports use them)")
+    return cost
 
 
 class Term(Protocol):
@@ -223,12 +243,14 @@ def _layer_terms(graph: ChannelGraph, per_pair, per_out) -> list:
     return terms
 
 
-def macs_cost(graph: ChannelGraph) -> Cost:
+@register_cost("macs")
+def macs_cost(graph: ChannelGraph, model: nn.Module | None = None) -> Cost:
     """Exact MACs of conv and linear layers as a function of the group widths (the project's FLOPs convention)."""
     terms = _layer_terms(graph, lambda c: c.macs_per_pair, lambda c: 0)
     return Cost("macs", "MACs", terms, graph.full_widths(), integral=True)
 
 
+@register_cost("params")
 def params_cost(graph: ChannelGraph, model: nn.Module | None = None) -> Cost:
     """Exact parameter count; parameters of layers without a rule (if ``model`` is given) are a constant.
 

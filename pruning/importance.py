@@ -2,7 +2,8 @@
 
 Every criterion scores the channels of each prunable group; a group's score sums over the layers that
 produce its channels (dense and depthwise convs, linears), so tied channels add their scores as in the
-paper. A new criterion is one subclass of :class:`Importance` registered with :func:`register_importance`.
+paper. A new criterion is one subclass of :class:`Importance` registered with :func:`register_importance`
+(README, Extending), selected in configs by that name (``importance.name``).
 
 Criteria:
 
@@ -25,6 +26,7 @@ from torch import nn
 
 from . import distributed as D
 from ._io import TorchFileError, atomic_torch_save, read_torch_file
+from ._registry import Registry
 from .data import take_images
 from .errors import UserInputError
 from .graph import ChannelGraph
@@ -32,20 +34,26 @@ from .graph import ChannelGraph
 Scores = dict[str, torch.Tensor]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
 
-IMPORTANCES: dict[str, type["Importance"]] = {}
+IMPORTANCES: Registry[type["Importance"]] = Registry(
+    "importance criterion", "importance=NAME; add one with pruning.importance.register_importance")
 
 
-def register_importance(cls: type["Importance"]) -> type["Importance"]:
-    """Class decorator: make a criterion available by its ``name``."""
-    IMPORTANCES[cls.name] = cls
-    return cls
+def register_importance(name: str) -> Callable[[type["Importance"]], type["Importance"]]:
+    """Class decorator: make a criterion available as ``name`` (its ``name`` attribute is set to it)."""
+    return IMPORTANCES.register(name)
 
 
 def create_importance(name: str, **kwargs: Any) -> "Importance":
-    """The criterion registered as ``name``, with a clear error listing the known names."""
-    if name not in IMPORTANCES:
-        raise UserInputError(f"unknown importance criterion {name!r}; choose one of {sorted(IMPORTANCES)}")
-    return IMPORTANCES[name](**kwargs)
+    """The criterion registered as ``name`` built with ``kwargs``, with a clear error listing the known names."""
+    return IMPORTANCES.create(name, **kwargs)
+
+
+def importance_from_config(cfg: Mapping[str, Any]) -> "Importance":
+    """The criterion an ``importance/`` config selects: ``name`` picks it, ``batch_size`` is the image loader's,
+    ``num_images`` goes to criteria that read images (``needs_data``), every other key is the criterion's own
+    argument (``random``'s ``seed``)."""
+    needs_data = IMPORTANCES.get(cfg["name"]).needs_data
+    return IMPORTANCES.from_config(cfg, exclude=("batch_size",) if needs_data else ("batch_size", "num_images"))
 
 
 def scored_layers(graph: ChannelGraph, model: nn.Module) -> list[tuple[str, str]]:
@@ -68,7 +76,12 @@ def _sum_per_group(graph: ChannelGraph, pairs, per_layer: Callable[[str], torch.
 
 
 class Importance:
-    """Base criterion. ``needs_data`` criteria consume ``(images, labels)`` batches."""
+    """Base criterion: ``criterion(model, graph, batches) -> {group name: scores}``, one score >= 0 per channel.
+
+    A new one subclasses this and registers with ``@register_importance("name")``; its constructor's arguments
+    are the keys of its ``conf/importance/NAME.yaml``. ``needs_data`` criteria consume ``(images, labels)``
+    batches and take ``num_images``.
+    """
 
     name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False
@@ -77,22 +90,18 @@ class Importance:
         raise NotImplementedError
 
 
-@register_importance
+@register_importance("l1")
 class L1Importance(Importance):
     """Sum of |W| over each output filter of the producing layers."""
-
-    name = "l1"
 
     def __call__(self, model, graph, batches=None) -> Scores:
         modules = dict(model.named_modules())
         return _sum_per_group(graph, scored_layers(graph, model), lambda n: modules[n].weight.abs().flatten(1).sum(1))
 
 
-@register_importance
+@register_importance("bn_scale")
 class BNScaleImportance(Importance):
     """|gamma| of the group's batch norms; a group with no batch norm (SE reduce) gets the model's mean |gamma|."""
-
-    name = "bn_scale"
 
     def __call__(self, model, graph, batches=None) -> Scores:
         modules = dict(model.named_modules())
@@ -109,11 +118,9 @@ class BNScaleImportance(Importance):
         return {g.name: scores[g.name] for g in graph.prunable_groups()}
 
 
-@register_importance
+@register_importance("random")
 class RandomImportance(Importance):
     """Uniform random scores from a seeded generator (same seed, same scores)."""
-
-    name = "random"
 
     def __init__(self, seed: int = 0) -> None:
         self.seed = seed
@@ -160,11 +167,9 @@ def _cross_entropy_sum(model: nn.Module, images: torch.Tensor, labels: torch.Ten
     return F.cross_entropy(logits.float(), labels, reduction="sum")
 
 
-@register_importance
+@register_importance("taylor_weight")
 class TaylorWeightImportance(_DataImportance):
     """The authors' criterion: ``sum over the filter of |W * dL/dW|``, L the mean CE over all images."""
-
-    name = "taylor_weight"
 
     def _estimate(self, model, graph, batches) -> Scores:
         pairs = scored_layers(graph, model)
@@ -184,11 +189,9 @@ class TaylorWeightImportance(_DataImportance):
         return _sum_per_group(graph, pairs, by_name.__getitem__)
 
 
-@register_importance
+@register_importance("taylor_activation")
 class TaylorActivationImportance(_DataImportance):
     """Molchanov et al.: ``|mean over space of a * dL/da|`` per image and channel, averaged over images."""
-
-    name = "taylor_activation"
 
     def _estimate(self, model, graph, batches) -> Scores:
         pairs = scored_layers(graph, model)

@@ -8,7 +8,8 @@ registered for the module's type. A new layer type is supported by registering o
         def prune_out(self, module, idx): ...
 
 Lookup walks the module's MRO, so subclasses (timm's ``Conv2dSame``, ``BatchNormAct2d``, ``Linear``)
-inherit the rule of their base class.
+inherit the rule of their base class. Rules are keyed by module type (:class:`pruning._registry.TypeRegistry`),
+block rules (:mod:`pruning.blocks`) and protected layers (:mod:`pruning.protect`) likewise.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
+from ._registry import TypeRegistry
 from .errors import UserInputError
 
 
@@ -64,42 +66,17 @@ class LayerRule:
         """Keep only input channels ``idx`` (MIX layers only)."""
 
 
-class TypeRegistry:
-    """Rules keyed by module type; lookup walks the module's MRO, so subclasses inherit their base's rule."""
-
-    def __init__(self) -> None:
-        self._rules: dict[type, object] = {}
-
-    def register(self, *module_types: type) -> Callable[[type], type]:
-        """Class decorator registering a rule (instantiated once) for ``module_types`` and their subclasses."""
-
-        def wrap(rule_cls: type) -> type:
-            rule = rule_cls()
-            for t in module_types:
-                self._rules[t] = rule
-            return rule_cls
-
-        return wrap
-
-    def find(self, module: nn.Module):
-        """The rule registered for ``module``'s type or its nearest registered base class, else None."""
-        for cls in type(module).__mro__:
-            if cls in self._rules:
-                return self._rules[cls]
-        return None
-
-
-_RULES = TypeRegistry()
+LAYER_RULES: TypeRegistry[LayerRule] = TypeRegistry("layer rule")
 
 
 def register_rule(*module_types: type) -> Callable[[type[LayerRule]], type[LayerRule]]:
     """Class decorator registering a layer rule (instantiated once) for ``module_types`` and their subclasses."""
-    return _RULES.register(*module_types)
+    return LAYER_RULES.register(*module_types)
 
 
 def find_rule(module: nn.Module) -> LayerRule | None:
     """The layer rule registered for ``module``'s type or its nearest registered base class, else None."""
-    return _RULES.find(module)
+    return LAYER_RULES.find(module)
 
 
 def _replace_param(module: nn.Module, name: str, idx: torch.Tensor, dim: int) -> None:

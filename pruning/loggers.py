@@ -1,12 +1,28 @@
-"""Metric loggers: wandb (offline by default) or none. Anything with ``log(metrics, step)`` works."""
+"""Metric loggers: wandb (offline by default) or none, registered by name (``logger.name``); a new one is a
+:class:`NullLogger` subclass registered with :func:`register_logger`. Anything with ``log(metrics, step)`` works
+where a logger is passed directly (:func:`distill.finetune`)."""
 from __future__ import annotations
 
 import os
 from typing import Any, Mapping
 
+from ._registry import Registry
 from .errors import MissingPackageError
 
+LOGGERS: Registry[type] = Registry("logger", "logger=NAME; add one with pruning.loggers.register_logger")
 
+
+def register_logger(name: str):
+    """Class decorator: make a logger available as ``logger=name`` (its YAML's other keys are its arguments)."""
+    return LOGGERS.register(name)
+
+
+def create_logger(name: str, **kwargs: Any) -> "NullLogger":
+    """The logger registered as ``name``, built with ``kwargs``."""
+    return LOGGERS.create(name, **kwargs)
+
+
+@register_logger("none")
 class NullLogger:
     """Logs nothing (``logger=none``)."""
 
@@ -26,6 +42,7 @@ class NullLogger:
         pass
 
 
+@register_logger("wandb")
 class WandbLogger(NullLogger):
     """wandb run in the run directory; ``mode`` offline by default, ``disabled`` turns it off."""
 

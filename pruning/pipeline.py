@@ -16,21 +16,22 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from distill.loss import default_ce_weight
-from hydra.utils import instantiate
+from distill.loss import DistillLoss, loss_from_config
+from distill.train import TrainConfig
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from . import artifacts
+from ._registry import import_plugins
 from ._io import short_hash
-from .budget import (Budget, check_feasible, is_time, latency_constraint, params_constraint, parse_latency,
-                     resolve_budget)
-from .cost import CostModel
+from .budget import (Budget, check_feasible, cost_constraint, is_time, latency_constraint, params_constraint,
+                     parse_latency, resolve_budget)
+from .cost import COSTS, CostModel, create_cost
 from .data import ImageListDataset, eval_loader, eval_transform, image_dataset, random_indices
 from .distributed import barrier, default_device, describe, is_main, main_first, world_size
 from .errors import UserInputError
 from .graph import build_channel_graph
-from .importance import Importance, ScoresFileError, load_scores, save_scores
+from .importance import Importance, ScoresFileError, importance_from_config, load_scores, save_scores
 from .models import check_model_name, check_weights, load_parent
 from .paper import PAPER_CONFIGS, paper_widths
 from .plots import plot_kept_fractions, plot_learning_curve
@@ -38,20 +39,22 @@ from .pools import TrainingPool, check_balance, readable_images, sampling_weight
 from .prune import prune_model
 from .recalibrate import recalibrate_bn
 from .search import kept_fraction_by_stage, knapsack_problem, removable_groups, solve_to_measured
-from .solve import SOLVERS, Constraint, Solution, solve
+from .solve import Constraint, Solution, check_solver, solve
 
 log = logging.getLogger("pruning")
 
 STAGES = ("importance", "solve", "prune", "finetune", "validate")
 
 
-def budget_dir(target: Any, latency: Any = None, batch: Any = 1, params: Any = None) -> str:
-    """The run directory's budget part: ``0.5``, ``0.5-lat0.6b1``, ``none-lat8ms-b32``, ``0.5-params3M``."""
+def budget_dir(target: Any, latency: Any = None, batch: Any = 1, params: Any = None, limits: Any = None) -> str:
+    """The run directory's budget part: ``0.5``, ``0.5-lat0.6b1``, ``none-lat8ms-b32``, ``0.5-params3M``, and
+    ``-NAME<limit>`` for every ``budget.limits`` entry (``0.5-channels0.6``)."""
     parts = [str(target).lower() if target is not None else "none"]
     if latency is not None:
         parts.append(f"lat{latency}b{batch}")
     if params is not None:
         parts.append(f"params{params}")
+    parts += [f"{name}{spec}" for name, spec in (limits or {}).items()]
     return "-".join(parts)
 
 
@@ -79,17 +82,16 @@ class Run:
 
     # ------------------------------------------------------------------------------------------ checks
     def preflight(self) -> None:
-        """Every user-input check, in seconds: stages, names, weights, budget, data."""
+        """Every user-input check, in seconds: plugins, stages, names, weights, budget, data."""
+        import_plugins(self.cfg.get("plugins"))  # what they register is selected by name below
         unknown = [s for s in self.stages if s not in STAGES]
         if unknown:
             raise PipelineError(f"unknown stages {unknown}; stages is a list drawn from {list(STAGES)}")
         check_model_name(self.cfg.model.name)
-        if self.cfg.solver.name not in SOLVERS:
-            raise PipelineError(f"unknown solver {self.cfg.solver.name!r}; choose solver= one of {sorted(SOLVERS)}")
-        self.criterion: Importance = instantiate(self.cfg.importance.criterion)
-        self.distill_cfg = instantiate(self.cfg.distill)
-        self.distill_cfg.check()
-        self.train_cfg = instantiate(self.cfg.trainer)
+        check_solver(self.cfg.solver.name, **self._solver_options())  # unknown names and options fail here
+        self.criterion: Importance = importance_from_config(self.cfg.importance)
+        self.loss: DistillLoss = loss_from_config(self.cfg.distill)
+        self.train_cfg = TrainConfig(**OmegaConf.to_container(self.cfg.trainer, resolve=True))
         self.train_cfg.check()
         check_weights(self.cfg.model.name, self.cfg.model.pretrained, self.cfg.model.checkpoint)
         self._check_budget_specs()
@@ -118,8 +120,11 @@ class Run:
     def _check_budget_specs(self) -> None:
         """Malformed budgets and latency settings fail here, before the parent is even loaded."""
         b = self.cfg.budget
-        if b.target is None and b.latency is None and b.params is None:
-            raise PipelineError("no budget: set budget.target (MACs), budget.latency or budget.params (any combination)")
+        if b.target is None and b.latency is None and b.params is None and not b.limits:
+            raise PipelineError("no budget: set budget.target (MACs), budget.latency, budget.params or "
+                                "+budget.limits.NAME (any combination)")
+        for name in b.limits or {}:
+            COSTS.get(name)  # an unknown cost fails here, listing the registered ones
         if b.latency is not None:
             from .latency import check_settings
 
@@ -137,6 +142,8 @@ class Run:
             self.constraints.append(Constraint(self.cost.macs_cost, self.budget.macs, self.budget.spec))
         if b.params is not None:
             self.constraints.append(params_constraint(b.params, self.cost.params_cost))
+        for name, spec in (b.limits or {}).items():  # any registered cost (pruning.cost.register_cost)
+            self.constraints.append(cost_constraint(spec, create_cost(name, self.graph, self.parent)))
         check_feasible(self.constraints, self.graph.prunable_groups(), b.round_to, b.min_keep_fraction, self.removable)
 
     def _build_constraints(self) -> None:
@@ -206,14 +213,12 @@ class Run:
     def _resolve_ce_weight(self) -> None:
         """``distill.ce_weight: null`` becomes 1 on an ImageNet-like pool, else 0 (teacher only)."""
         labels = self.pool.labels()
-        if self.distill_cfg.ce_weight is None and self.distill_cfg.method != "ce":
-            self.distill_cfg.ce_weight = default_ce_weight(labels)
-        uses_labels = self.distill_cfg.method == "ce" or self.distill_cfg.ce_weight
-        if uses_labels and self._needs("finetune") and not any(label >= 0 for label in labels):
+        self.loss.fit_to_labels(labels)
+        if self.loss.label_weight and self._needs("finetune") and not any(label >= 0 for label in labels):
             raise PipelineError(
-                f"distill.method={self.distill_cfg.method} with ce_weight={self.distill_cfg.ce_weight} needs "
-                "labelled training images, but every image of the pool is labelled -1; use distill=inner or "
-                "distill=kd with distill.ce_weight=0, or add labelled folders to data.train_roots")
+                f"distill={self.loss.name} weighs cross-entropy {self.loss.label_weight} and needs labelled training "
+                "images, but every image of the pool is labelled -1; use distill=inner or distill=kd with "
+                "distill.ce_weight=0, or add labelled folders to data.train_roots")
 
     # -------------------------------------------------------------------------------------------- data
     def _datasets(self) -> tuple[TrainingPool, ImageListDataset]:
@@ -247,7 +252,7 @@ class Run:
                 "val": {"root": self._val_dir() or "held out of the pool", "images": len(self.val_set),
                         "classes": len(val_labels), "unreadable_images": len(self.unreadable_val),
                         "unreadable": self.unreadable_val[:20]},
-                "ce_weight": self.distill_cfg.ce_weight if self.distill_cfg.method != "ce" else 1.0}
+                "ce_weight": self.loss.label_weight}
 
     # ---------------------------------------------------------------------------------------- the stages
     def run(self) -> dict:
@@ -270,8 +275,8 @@ class Run:
             if is_main():
                 save_scores(path, self.scores, {"key": self._scores_key(), "criterion": self.cfg.importance.name})
             barrier()
-        self._report("importance", {"criterion": self.cfg.importance.name, "scores": path,
-                                    **OmegaConf.to_container(self.cfg.importance.criterion)})
+        settings = OmegaConf.to_container(self.cfg.importance, resolve=True)
+        self._report("importance", {"criterion": settings.pop("name"), "scores": path, **settings})
 
     def stage_solve(self) -> None:
         """Kept widths and channels under every budget (the knapsack)."""
@@ -284,7 +289,7 @@ class Run:
             barrier()  # one rank measures; the others read its solution
             self.solution = self.solution or self._load_solution()
         else:
-            self.solution = solve(problem, s.name, s.time_limit, s.gap_tol)
+            self.solution = solve(problem, s.name, **self._solver_options())
             if is_main():
                 artifacts.write_json(os.path.join(self.run_dir, artifacts.SOLUTION), self.solution.to_dict())
         self._report("budget", self._budget_summary())
@@ -292,12 +297,18 @@ class Run:
                      | {"round_to_asked": b.round_to, "min_keep_fraction": b.min_keep_fraction,
                         "allow_block_removal": s.allow_block_removal, "removable_blocks": len(self.removable)})
 
+    def _solver_options(self) -> dict[str, Any]:
+        """The solver's arguments: every key of its YAML but ``name`` and ``allow_block_removal`` (the problem's)."""
+        options = OmegaConf.to_container(self.cfg.solver, resolve=True)
+        return {k: v for k, v in options.items() if k not in ("name", "allow_block_removal")}
+
     def _solve_measured(self, problem) -> Solution:
         """The knapsack, re-solved while the chosen model measures over the latency budget on this device."""
         s = self.cfg.solver
+        options = self._solver_options()
         solution, history = solve_to_measured(problem, self._measured_latency, self._allowed_latency(), solver=s.name,
-                                              time_limit=s.time_limit, gap_tol=s.gap_tol,
-                                              iterations=self.cfg.latency.verify_iterations)
+                                              time_limit=options.pop("time_limit"), gap_tol=options.pop("gap_tol"),
+                                              iterations=self.cfg.latency.verify_iterations, solver_options=options)
         artifacts.write_json(os.path.join(self.run_dir, artifacts.SOLUTION),
                              solution.to_dict() | {"problem_key": self._problem_key(problem)})
         self._report("latency_verification", {"rounds": self.cfg.latency.rounds, "steps": history,
@@ -392,19 +403,19 @@ class Run:
                      artifacts.CHECKPOINT)
             self.student = student
             self.bn_recalibrated = self._recalibrate()
-        teacher = None if self.distill_cfg.method == "ce" else self.parent
+        teacher = self.parent if self.loss.needs_teacher else None
         out = os.path.join(self.run_dir, "finetune")
         train_set = ImageListDataset(self.train_set.samples)  # no transform: the trainer uses timm's training one
         weights = sampling_weights(self.pool, self.cfg.data.balance)
         val_set = self._eval_set(self.val_set) if self.train_cfg.val_every_steps else None
-        result = finetune(student, teacher, train_set, self.distill_cfg, self.train_cfg, out, logger=self.logger,
+        result = finetune(student, teacher, train_set, self.loss, self.train_cfg, out, logger=self.logger,
                           progress=is_main(), val_set=val_set, sample_weights=weights)
         self.student = result.student.eval()
         if is_main():
             artifacts.save_pruned(self.student, self.run_dir, self.cfg.model.name, self.cfg.model.img_size,
                                   self.keep, "finetuned", self.protected, self.bn_recalibrated)  # as after pruning
         curve = [[h["step"], h["val/top1"]] for h in result.history if "val/top1" in h]
-        self._report("finetune", {"steps": result.steps, "method": self.distill_cfg.method,
+        self._report("finetune", {"steps": result.steps, "method": self.loss.name,
                                   "resumed_from": result.resumed_from, "val_curve": curve,
                                   "last": result.history[-1] if result.history else None})
 

@@ -17,12 +17,12 @@ from typing import Callable, TypeVar
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 
+from ._registry import import_plugins
 from .distributed import init_distributed, is_main
 from .errors import UserInputError
-from .loggers import NullLogger
+from .loggers import LOGGERS, NullLogger
 from .pipeline import Run
 
 log = logging.getLogger("pruning")
@@ -53,8 +53,9 @@ def exit_on_user_error(body: Callable[[], T]) -> T:
 
 def _run(cfg: DictConfig) -> dict:
     init_distributed()
+    import_plugins(cfg.get("plugins"))  # the run's own extensions register before anything is built from the config
     run_dir = HydraConfig.get().runtime.output_dir
-    logger = instantiate(cfg.logger) if is_main() else NullLogger()
+    logger = LOGGERS.from_config(cfg.logger) if is_main() else NullLogger()
     run = Run(cfg, run_dir, logger)
     run.preflight()
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir)

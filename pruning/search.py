@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 from collections import defaultdict
 from dataclasses import dataclass, replace
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -69,6 +69,7 @@ def search(
     time_limit: float = 10.0,
     constraints: Sequence[Constraint] = (),
     allow_block_removal: bool = False,
+    solver_options: Mapping[str, Any] | None = None,
 ) -> SearchResult:
     """Choose the channels to keep under ``budget`` (and any other ``constraints``) and build the pruned model.
 
@@ -83,6 +84,7 @@ def search(
         time_limit: seconds the solver may use.
         constraints: further limits (params, latency: :mod:`pruning.budget`), all met together.
         allow_block_removal: removable residual blocks (:mod:`pruning.blocks`) may lose all inner channels.
+        solver_options: further arguments of the solver (:func:`pruning.solve.solve`).
     """
     cost = CostModel(graph, model)
     limits = list(constraints)
@@ -95,7 +97,7 @@ def search(
     removable = removable_groups(model, graph) if allow_block_removal else ()
     check_feasible(limits, graph.prunable_groups(), round_to, min_keep_fraction, removable)
     problem = knapsack_problem(graph, scores, limits, round_to, min_keep_fraction, removable)
-    solution = solve(problem, solver, time_limit)
+    solution = solve(problem, solver, time_limit, **(solver_options or {}))
     pruned = prune_model(model, graph, solution.keep)
     widths = solution.widths
     return SearchResult(budget, solution, pruned, cost.macs(), cost.macs(widths), cost.params(), cost.params(widths))
@@ -103,7 +105,8 @@ def search(
 
 def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], float], allowed: float,
                       cost_name: str = "latency", solver: str = "exact", time_limit: float = 10.0,
-                      gap_tol: float = 1e-6, iterations: int = 4, margin: float = 0.99) -> tuple[Solution, list[dict]]:
+                      gap_tol: float = 1e-6, iterations: int = 4, margin: float = 0.99,
+                      solver_options: Mapping[str, Any] | None = None) -> tuple[Solution, list[dict]]:
     """Solve, measure the solution on the device, and while the measurement exceeds ``allowed``, lower the
     limit of ``cost_name`` by the measured excess and solve again.
 
@@ -115,13 +118,14 @@ def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], fl
         measure: solution -> the measured quantity (a latency in ms, or a ratio to the parent's).
         allowed: the largest acceptable measurement, in ``measure``'s unit.
         iterations: solves at most; margin: each new limit is this much below the proportional one.
+        solver_options: further arguments of the solver (:func:`pruning.solve.solve`).
 
     Returns:
         ``(solution, history)``; each history entry has the limit, the predicted cost and the measurement.
         The last solution is returned even if it still measures over ``allowed`` (its entry says so).
     """
     history: list[dict] = []
-    solution = solve(problem, solver, time_limit, gap_tol)
+    solution = solve(problem, solver, time_limit, gap_tol, **(solver_options or {}))
     for i in range(iterations):
         limit = next(c for c in problem.constraints if c.name == cost_name)
         measured = measure(solution)
@@ -132,7 +136,7 @@ def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], fl
         tighter = replace(limit, limit=limit.limit * allowed / measured * margin)
         problem = replace(problem, constraints=[tighter if c is limit else c for c in problem.constraints])
         try:
-            solution = solve(problem, solver, time_limit, gap_tol)
+            solution = solve(problem, solver, time_limit, gap_tol, **(solver_options or {}))
         except ValueError as e:  # the tighter limit is below the lowest achievable: keep the last solution
             history.append({"limit": tighter.limit, "stopped": str(e)})
             break

@@ -12,7 +12,8 @@ per-channel costs only approximates it. Costs must not decrease as a width grows
 Where a residual block can be removed whole (:mod:`pruning.blocks`), its inner groups may also take width 0,
 all together (``KnapsackProblem.removable``).
 
-Solvers live in :mod:`pruning.solvers` and register here with :func:`register_solver`:
+Solvers live in :mod:`pruning.solvers`, one module each, and register here with :func:`register_solver` (a
+new one is one file: README, Extending); configs select them by that name (``solver.name``):
 
 * ``exact`` (:mod:`pruning.solvers.exact`): Lagrangian branch and bound, optimal within ``gap_tol`` with a
   proven upper bound;
@@ -25,10 +26,11 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from ._registry import Registry, check_arguments
 from .cost import Cost
 
 
@@ -151,25 +153,35 @@ def kept_channels(scores: np.ndarray, width: int) -> list[int]:
 
 # ---------------------------------------------------------------------------------------- registry
 
-SolverFn = Callable[["object", float, float], tuple[dict[str, int], float]]
-SOLVERS: dict[str, SolverFn] = {}
+SolverFn = Callable[..., tuple[dict[str, int], float]]
+SOLVERS: Registry[SolverFn] = Registry(
+    "solver", "solver=NAME; add one with pruning.solve.register_solver",
+    builtins=("pruning.solvers",))
 
 
 def register_solver(name: str) -> Callable[[SolverFn], SolverFn]:
-    """Decorator adding ``fn(instance, time_limit, gap_tol) -> (widths, upper bound or NaN)`` to SOLVERS.
+    """Decorator registering ``fn(instance, time_limit, gap_tol, **options) -> (widths, upper bound or NaN)``.
 
-    ``instance`` is the problem reduced to its prunable groups (:class:`pruning.solvers.instance.Instance`).
+    ``instance`` is the problem reduced to its prunable groups (:class:`pruning.solvers.instance.Instance`);
+    ``options`` are the solver's own keys in its ``conf/solver/NAME.yaml`` (passed on by :func:`solve`).
     """
+    return SOLVERS.register(name)
 
-    def add(fn: SolverFn) -> SolverFn:
-        SOLVERS[name] = fn
-        return fn
 
-    return add
+def check_solver(name: str, **options: Any) -> SolverFn:
+    """The solver registered as ``name``, after checking it takes ``options``.
+
+    Raises:
+        UserInputError: an unknown name (listing the known ones), or an option the solver does not take.
+    """
+    fn = SOLVERS.get(name)
+    check_arguments(fn, f"solver {name!r}", None, **options)
+    return fn
 
 
 def solve(
-    problem: KnapsackProblem, solver: str = "exact", time_limit: float = 10.0, gap_tol: float = 1e-6
+    problem: KnapsackProblem, solver: str = "exact", time_limit: float = 10.0, gap_tol: float = 1e-6,
+    **options: Any,
 ) -> Solution:
     """Choose the kept channels of every prunable group under every constraint.
 
@@ -178,17 +190,17 @@ def solve(
         solver: a name in :data:`SOLVERS` (``exact``: optimal with a proven bound; ``greedy``: the paper's).
         time_limit: seconds the solver may use (soft: checked between branch-and-bound nodes).
         gap_tol: ``exact`` stops once ``(bound - objective) <= gap_tol * objective`` (0: prove optimality).
+        options: further arguments of the solver (the keys of its YAML beyond ``time_limit`` and ``gap_tol``).
 
     Raises:
-        ValueError: unknown solver, malformed scores or costs, or a limit below the lowest achievable cost.
+        ValueError: unknown solver or option, malformed scores or costs, or a limit below the lowest achievable cost.
     """
     from .solvers.instance import reduce
 
-    if solver not in SOLVERS:
-        raise ValueError(f"unknown solver {solver!r}; available solvers: {sorted(SOLVERS)}")
+    fn = check_solver(solver, time_limit=time_limit, gap_tol=gap_tol, **options)
     inst = reduce(problem)
     t0 = time.perf_counter()
-    widths, bound = SOLVERS[solver](inst, time_limit, gap_tol)
+    widths, bound = fn(inst, time_limit=time_limit, gap_tol=gap_tol, **options)
     return _solution(problem, inst, inst.index_of(widths), bound, solver, t0)
 
 
@@ -202,5 +214,3 @@ def _solution(problem: KnapsackProblem, inst, idx: np.ndarray, bound: float, sol
     return Solution(widths, keep, objective, bound, gap, costs, limits, inst.binding(idx), solver,
                     time.perf_counter() - t0, inst.removed_blocks(idx), width_multiple(problem.round_to, problem.constraints))
 
-
-from .solvers import baselines, cpsat, exact  # noqa: E402,F401  (each registers its solvers)

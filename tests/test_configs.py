@@ -1,4 +1,4 @@
-"""Every option of every config group composes, and everything it builds with ``_target_`` instantiates
+"""Every option of every config group composes, and everything it selects by registered name builds
 (lightning-hydra-template's test_configs): a typo in a YAML file fails here, not an hour into a run."""
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
-from hydra.utils import instantiate
 from omegaconf import OmegaConf, open_dict
 
+from distill import TrainConfig, create_loss, loss_from_config
+from pruning.importance import IMPORTANCES, importance_from_config
+from pruning.loggers import LOGGERS
 from pruning.models import check_model_name
-from pruning.solve import SOLVERS
+from pruning.solve import SOLVERS, check_solver
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # groups chosen with "group=option"; budget and experiment are added with "+group=option"
@@ -50,17 +52,34 @@ def test_every_added_option_composes_and_instantiates(group, option, monkeypatch
 def _check_built(cfg) -> None:
     """What the pipeline builds from the config: its checks pass on every shipped option."""
     check_model_name(cfg.model.name)
-    assert cfg.solver.name in SOLVERS, cfg.solver.name
-    criterion = instantiate(cfg.importance.criterion)
+    solver = OmegaConf.to_container(cfg.solver)
+    check_solver(solver.pop("name"), **{k: v for k, v in solver.items() if k != "allow_block_removal"})
+    criterion = importance_from_config(cfg.importance)
     assert criterion.name == cfg.importance.name
-    instantiate(cfg.distill).check()
-    instantiate(cfg.trainer).check()
-    logger = instantiate(cfg.logger)
+    loss_from_config(cfg.distill).check()
+    TrainConfig(**OmegaConf.to_container(cfg.trainer)).check()
+    logger = LOGGERS.from_config(cfg.logger)
     assert hasattr(logger, "log") and hasattr(logger, "summary")
 
 
-def test_every_registered_solver_has_a_yaml():
-    assert set(_options("solver")) == set(SOLVERS)
+@pytest.mark.parametrize("group,registry", [("solver", SOLVERS), ("importance", IMPORTANCES), ("logger", LOGGERS)])
+def test_every_registered_name_has_a_yaml_named_after_it(group, registry):
+    """A YAML's ``name`` is the registered name and its file name: nothing is said twice without a check."""
+    assert set(_options(group)) == set(registry)
+    for option in _options(group):
+        assert OmegaConf.load(CONF / group / f"{option}.yaml").name == option
+
+
+def test_every_distill_yaml_names_its_loss():
+    from distill.loss import LOSSES
+
+    assert set(_options("distill")) == set(LOSSES)
+    assert all(OmegaConf.load(CONF / "distill" / f"{o}.yaml").name == o for o in _options("distill"))
+
+
+def test_no_config_names_a_class():
+    """One mechanism: configs select by registered name, never by an import path (``_target_``)."""
+    assert not [p.name for p in CONF.rglob("*.yaml") if "_target_" in p.read_text()]
 
 
 def test_width_constraints_are_said_once():
@@ -73,18 +92,16 @@ def test_width_constraints_are_said_once():
 
 
 @pytest.mark.parametrize("option", _options("distill"))
-def test_distill_options_build_their_methods_defaults(option):
-    """Each distill YAML gives its method the values it always had; the fields it leaves out (unread by it) default."""
-    from distill import DistillConfig
-
-    assert instantiate(_compose(f"distill={option}").distill) == DistillConfig(method=option)
+def test_distill_options_build_their_losses_defaults(option):
+    """Each distill YAML gives its loss the values it always had, and holds only the fields that loss reads."""
+    assert loss_from_config(_compose(f"distill={option}").distill) == create_loss(option)
 
 
 def test_a_typo_in_an_option_is_caught():
-    """Guards the tests above: a misspelt field fails to instantiate."""
+    """Guards the tests above: a misspelt field fails to build, naming it and the fields the loss takes."""
     cfg = _compose("distill=inner")
     with open_dict(cfg):
-        cfg.distill.gama = 1.0  # not a DistillConfig field
-    with pytest.raises(Exception, match="gama"):
-        instantiate(cfg.distill)
+        cfg.distill.gama = 1.0  # not a field of the inner loss
+    with pytest.raises(ValueError, match="gama.*gamma"):
+        loss_from_config(cfg.distill)
 

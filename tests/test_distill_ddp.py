@@ -53,7 +53,7 @@ def _known_answer_set():
 def main(out: str, data: str) -> None:
     torch.set_num_threads(1)
     from test_distill_helpers import tiny_pair
-    from distill import DistillConfig, TrainConfig, evaluate, finetune, init_distributed
+    from distill import TrainConfig, create_loss, evaluate, finetune, init_distributed
     from pruning import distributed as D
     from pruning.data import image_dataset
 
@@ -67,7 +67,7 @@ def main(out: str, data: str) -> None:
 
     teacher, student = tiny_pair("resnet18", seed=0)
     train = TrainConfig(epochs=2, batch_size=4, img_size=32, workers=0, lr=0.05, log_every=1, seed=1)
-    result = finetune(student, teacher, image_dataset(data), DistillConfig(), train, os.path.join(out, "run"),
+    result = finetune(student, teacher, image_dataset(data), create_loss("inner"), train, os.path.join(out, "run"),
                       logger=FileLogger(), progress=False)
     metrics = evaluate(torch.nn.Identity(), _known_answer_set(), batch_size=2, workers=0, progress=False)
     torch.save({"student": result.student.state_dict(), "projections": result.projections.state_dict(), "steps": result.steps,

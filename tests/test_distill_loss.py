@@ -7,8 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from test_distill_helpers import IMG, tiny_pair
-from distill import DistillConfig, distill_loss, matched_points
-from distill.loss import DistillStudent, _FeatureMSE, build_projections, fit_projection, matched_feature_shapes, point_key
+from distill import create_loss, matched_points
+from distill.loss import DistillStudent, build_projections, fit_projection, matched_feature_shapes, point_key
+from distill.losses.inner import _FeatureMSE
 from distill.teacher import conv_norm_pairs, fold_batchnorm, prepare_teacher
 
 EFFNET = ["bn1"] + [f"blocks.{i}" for i in range(7)] + ["bn2", "global_pool", "classifier"]
@@ -89,13 +90,13 @@ def test_inner_loss_is_ce_plus_gamma_over_m_times_the_mses():
     logits, labels = torch.randn(4, 10), torch.tensor([1, 2, 3, 4])
     s = [torch.randn(4, 8, 5, 5), torch.randn(4, 6), torch.randn(4, 10)]
     t = [torch.randn(4, 8, 5, 5), torch.randn(4, 6), torch.randn(4, 10)]
-    cfg = DistillConfig(gamma=7.0, label_smoothing=0.1)
-    total, terms = distill_loss(cfg, logits, labels, s, t)
+    loss = create_loss("inner", gamma=7.0, label_smoothing=0.1)
+    total, terms = loss(logits, labels, s, t)
     mses = [F.mse_loss(a, b) for a, b in zip(s, t)]
     assert torch.allclose(terms["inner"], 7.0 / 3 * sum(mses))
     assert torch.allclose(terms["ce"], F.cross_entropy(logits, labels, label_smoothing=0.1))
     assert torch.allclose(total, terms["ce"] + terms["inner"]) and set(terms) == {"ce", "inner"}
-    one, _ = distill_loss(cfg, logits, labels, s[:1], t[:1])
+    one, _ = loss(logits, labels, s[:1], t[:1])
     assert torch.allclose(one, terms["ce"] + 7.0 * mses[0])  # M = 1: gamma times the one MSE
 
 
@@ -111,13 +112,13 @@ def test_last_point_gives_one_feature():
 def test_kd_loss_is_temperature_scaled_kl():
     torch.manual_seed(0)
     s, t, y = torch.randn(6, 10), torch.randn(6, 10), torch.randint(0, 10, (6,))
-    cfg = DistillConfig(method="kd", temperature=3.0, kd_weight=0.5, label_smoothing=0.0)
-    total, terms = distill_loss(cfg, s, y, teacher_logits=t)
+    loss = create_loss("kd", temperature=3.0, kd_weight=0.5, label_smoothing=0.0)
+    total, terms = loss(s, y, teacher_logits=t)
     p_t = F.softmax(t / 3, 1)
     kl = (p_t * (p_t.log() - F.log_softmax(s / 3, 1))).sum(1).mean()
     assert torch.allclose(terms["kd"], 0.5 * 9 * kl, atol=1e-6)
     assert torch.allclose(total, F.cross_entropy(s, y) + terms["kd"])
-    _, same = distill_loss(cfg, s, y, teacher_logits=s.clone())
+    _, same = loss(s, y, teacher_logits=s.clone())
     assert same["kd"].abs() < 1e-6
 
 
@@ -126,14 +127,14 @@ def test_ce_weight_and_unlabelled_images():
     torch.manual_seed(0)
     logits, t_logits = torch.randn(4, 10, requires_grad=True), torch.randn(4, 10)
     labels = torch.tensor([1, -1, 3, -1])
-    cfg = DistillConfig(method="kd", label_smoothing=0.0, ce_weight=0.5)
-    total, terms = distill_loss(cfg, logits, labels, teacher_logits=t_logits)
+    loss = create_loss("kd", label_smoothing=0.0, ce_weight=0.5)
+    total, terms = loss(logits, labels, teacher_logits=t_logits)
     assert torch.allclose(terms["ce"], F.cross_entropy(logits[[0, 2]], labels[[0, 2]]))
     assert torch.allclose(total, 0.5 * terms["ce"] + terms["kd"])
-    zero, terms0 = distill_loss(DistillConfig(method="kd", ce_weight=0.0), logits, labels, teacher_logits=t_logits)
+    zero, terms0 = create_loss("kd", ce_weight=0.0)(logits, labels, teacher_logits=t_logits)
     assert torch.allclose(zero, terms0["kd"]) and terms0["ce"] > 0
     unlabelled = torch.full((4,), -1)
-    _, none = distill_loss(DistillConfig(method="kd", ce_weight=1.0), logits, unlabelled, teacher_logits=t_logits)
+    _, none = create_loss("kd", ce_weight=1.0)(logits, unlabelled, teacher_logits=t_logits)
     assert none["ce"].item() == 0.0 and none["ce"].requires_grad  # no NaN from an all-unlabelled batch
 
 
@@ -148,19 +149,22 @@ def test_default_ce_weight_is_one_only_for_an_imagenet_scale_pool():
 
 def test_ce_needs_no_teacher():
     s, y = torch.randn(3, 5), torch.tensor([0, 1, 2])
-    total, terms = distill_loss(DistillConfig(method="ce", label_smoothing=0.0), s, y)
+    total, terms = create_loss("ce", label_smoothing=0.0)(s, y)
     assert set(terms) == {"ce"} and torch.allclose(total, F.cross_entropy(s, y))
 
 
-@pytest.mark.parametrize("field,value,needle", [
-    ("method", "dark", "'dark'.*inner.*kd.*ce"),
-    ("points", "some", "'some'.*all.*authors.*last"),
-    ("proj_init", "zeros", "'zeros'.*lstsq"),
-    ("ce_weight", -1.0, "ce_weight=-1.0 must be >= 0"),
+@pytest.mark.parametrize("name,fields,needle", [
+    ("dark", {}, "'dark'.*ce.*inner.*kd"),
+    ("inner", {"points": "some"}, "'some'.*all.*authors.*last"),
+    ("inner", {"proj_init": "zeros"}, "'zeros'.*lstsq"),
+    ("kd", {"ce_weight": -1.0}, "ce_weight=-1.0 must be >= 0"),
+    ("kd", {"temperature": 0.0}, "temperature > 0"),
+    ("ce", {"label_smoothing": 1.0}, "label_smoothing < 1"),
+    ("ce", {"gamma": 1.0}, "loss 'ce' cannot take.*'gamma'.*label_smoothing"),  # a field another loss reads
 ])
-def test_bad_distill_config(field, value, needle):
+def test_bad_distill_config(name, fields, needle):
     with pytest.raises(ValueError, match=needle):
-        DistillConfig(**{field: value}).check()
+        create_loss(name, **fields)
 
 
 @pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])

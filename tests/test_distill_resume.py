@@ -55,7 +55,7 @@ def main() -> None:
     torch.set_num_threads(1)  # same kernels, same summation order, in every run
 
     from test_distill_helpers import tiny_pair
-    from distill import DistillConfig, TrainConfig, finetune
+    from distill import TrainConfig, create_loss, finetune
     from pruning.data import image_dataset
 
     class DieAfter:
@@ -66,7 +66,7 @@ def main() -> None:
     teacher, student = tiny_pair("resnet18", drop_rate=0.2, drop_path_rate=0.1)
     train = TrainConfig(epochs=2, batch_size=4, img_size=32, workers=0, lr=0.02, warmup_epochs=0.5, log_every=1,
                         checkpoint_every_steps=4, ema_decay=0.8, seed=3)
-    result = finetune(student, teacher, image_dataset(args.data), DistillConfig(), train, args.out, logger=DieAfter(), progress=False)
+    result = finetune(student, teacher, image_dataset(args.data), create_loss("inner"), train, args.out, logger=DieAfter(), progress=False)
     torch.save({"student": result.student.state_dict(), "ema": result.ema.state_dict(), "projections": result.projections.state_dict(),
                 "steps": result.steps, "resumed_from": result.resumed_from,
                 "losses": [h["train/loss"] for h in result.history if "train/loss" in h]}, os.path.join(args.out, "final.pth"))

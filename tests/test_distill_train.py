@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 from test_distill_helpers import IMG, LABELS, state_equal, tiny_pair, write_images
-from distill import DistillConfig, NonFiniteLossError, TrainConfig, evaluate, finetune, validate_pair
+from distill import NonFiniteLossError, TrainConfig, create_loss, evaluate, finetune, validate_pair
 from distill.checkpoint import LAST, load_checkpoint, save_checkpoint
 from distill.evaluate import TEACHER_CACHE, evaluate_folder
 from distill.train import Trainer
@@ -38,7 +38,7 @@ def _sha(path: str) -> str:
 
 def test_steps_on_a_fixed_batch_lower_the_loss(pair, data_root, tmp_path):
     teacher, student = pair
-    trainer = Trainer(student, teacher, image_dataset(data_root), DistillConfig(), TrainConfig(**{**FAST, "lr": 0.05}), str(tmp_path))
+    trainer = Trainer(student, teacher, image_dataset(data_root), create_loss("inner"), TrainConfig(**{**FAST, "lr": 0.05}), str(tmp_path))
     images, labels = next(iter(trainer._loader()))
     losses = [trainer.train_step(images, labels)["loss"].item() for _ in range(6)]
     assert losses[-1] < 0.7 * losses[0], losses
@@ -53,7 +53,7 @@ def test_teacher_is_left_unchanged(pair, data_root, tmp_path):
     teacher, student = pair
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     mode, flags = teacher.training, [p.requires_grad for p in teacher.parameters()]
-    result = finetune(student, teacher, image_dataset(data_root), DistillConfig(), TrainConfig(**FAST, max_steps=4), str(tmp_path), progress=False)
+    result = finetune(student, teacher, image_dataset(data_root), create_loss("inner"), TrainConfig(**FAST, max_steps=4), str(tmp_path), progress=False)
     assert result.steps == 4
     assert teacher.training == mode and [p.requires_grad for p in teacher.parameters()] == flags
     assert all(p.grad is None for p in teacher.parameters())
@@ -64,7 +64,7 @@ def test_teacher_is_left_unchanged(pair, data_root, tmp_path):
 def test_checkpoint_contents_and_finished_run(pair, data_root, tmp_path):
     teacher, student = pair
     cfg = TrainConfig(**FAST, epochs=2, checkpoint_every_steps=4, ema_decay=0.9)  # 24 images / 4: 6 steps per epoch
-    result = finetune(student, teacher, image_dataset(data_root), DistillConfig(), cfg, str(tmp_path), progress=False)
+    result = finetune(student, teacher, image_dataset(data_root), create_loss("inner"), cfg, str(tmp_path), progress=False)
     ckpt = load_checkpoint(str(tmp_path / LAST))
     assert {"student", "projections", "optimizer", "scheduler", "ema", "epoch", "batch", "step", "rng", "history", "config"} <= set(ckpt)
     assert (ckpt["epoch"], ckpt["batch"], ckpt["step"]) == (2, 0, 12) and result.steps == 12
@@ -74,7 +74,7 @@ def test_checkpoint_contents_and_finished_run(pair, data_root, tmp_path):
     assert [h["step"] for h in result.history if "train/loss" in h] == list(range(1, 13))
     assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
     # a finished run resumes to nothing
-    again = finetune(student, teacher, image_dataset(data_root), DistillConfig(), cfg, str(tmp_path), progress=False)
+    again = finetune(student, teacher, image_dataset(data_root), create_loss("inner"), cfg, str(tmp_path), progress=False)
     assert again.resumed_from == 12 and again.steps == 12
 
 
@@ -90,9 +90,9 @@ def test_checkpoint_write_is_atomic(tmp_path):
 
 def test_resume_refuses_another_configuration(pair, data_root, tmp_path):
     teacher, student = pair
-    finetune(student, teacher, image_dataset(data_root), DistillConfig(), TrainConfig(**FAST, max_steps=2), str(tmp_path), progress=False)
+    finetune(student, teacher, image_dataset(data_root), create_loss("inner"), TrainConfig(**FAST, max_steps=2), str(tmp_path), progress=False)
     with pytest.raises(ValueError, match="gamma"):
-        finetune(student, teacher, image_dataset(data_root), DistillConfig(gamma=1.0), TrainConfig(**FAST, max_steps=2), str(tmp_path), progress=False)
+        finetune(student, teacher, image_dataset(data_root), create_loss("inner", gamma=1.0), TrainConfig(**FAST, max_steps=2), str(tmp_path), progress=False)
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pair, data_root, tmp_path):
@@ -106,7 +106,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pair, data_root, tmp_
     student.register_forward_hook(poison)
     cfg = TrainConfig(**FAST, checkpoint_every_steps=1, epochs=2)
     with pytest.raises(NonFiniteLossError, match=r"step 3 .*loss=nan.*ce=nan") as err:
-        finetune(student, teacher, image_dataset(data_root), DistillConfig(proj_init="random"), cfg, str(tmp_path), progress=False)
+        finetune(student, teacher, image_dataset(data_root), create_loss("inner", proj_init="random"), cfg, str(tmp_path), progress=False)
     assert "left untouched" in str(err.value)
     ckpt = load_checkpoint(str(tmp_path / LAST))
     assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["student"].values() if v.is_floating_point())
@@ -114,7 +114,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(pair, data_root, tmp_
 
 def test_kd_with_ema_and_ce_without_teacher(pair, data_root, tmp_path):
     teacher, student = pair
-    kd = finetune(student, teacher, image_dataset(data_root), DistillConfig(method="kd"), TrainConfig(**FAST, max_steps=3, ema_decay=0.5),
+    kd = finetune(student, teacher, image_dataset(data_root), create_loss("kd"), TrainConfig(**FAST, max_steps=3, ema_decay=0.5),
                   str(tmp_path / "kd"), progress=False)
     assert kd.ema is not None and {"train/kd", "train/ce"} <= set(kd.history[-1]) and len(kd.projections) == 0
     assert not state_equal(kd.ema.state_dict(), kd.student.state_dict())
@@ -125,15 +125,22 @@ def test_kd_with_ema_and_ce_without_teacher(pair, data_root, tmp_path):
             logs.append((step, metrics))
 
     val = image_dataset(data_root, eval_transform(student, IMG))
-    ce = finetune(student, None, image_dataset(data_root), DistillConfig(method="ce"), TrainConfig(**FAST, epochs=1), str(tmp_path / "ce"),
+    ce = finetune(student, None, image_dataset(data_root), create_loss("ce"), TrainConfig(**FAST, epochs=1), str(tmp_path / "ce"),
                   logger=Logger(), progress=False, val_set=val)
     assert ce.steps == 6 and [s for s, _ in logs][:6] == list(range(1, 7))
     assert {"train/loss", "train/lr", "train/images_per_s"} <= set(logs[0][1]) and "val/top1" in logs[-1][1]
 
 
+def _changed(loss, **fields):
+    """``loss`` with fields set after it was built (and checked)."""
+    for k, v in fields.items():
+        setattr(loss, k, v)
+    return loss
+
+
 @pytest.mark.parametrize("kwargs,needle", [
-    (dict(distill=DistillConfig(method="nope")), "'nope'"),
-    (dict(distill=DistillConfig(points="first")), "'first'"),
+    (dict(distill=_changed(create_loss("inner"), points="first")), "'first'"),
+    (dict(distill=_changed(create_loss("kd"), ce_weight=-1.0)), "ce_weight=-1.0"),
     (dict(train=TrainConfig(amp="fp16")), "fp16.*CUDA"),
     (dict(train=TrainConfig(amp="fp8")), "'fp8'"),
     (dict(teacher=None), "needs the unpruned teacher"),
@@ -141,7 +148,7 @@ def test_kd_with_ema_and_ce_without_teacher(pair, data_root, tmp_path):
 ])
 def test_bad_settings_fail_before_any_work(pair, data_root, tmp_path, kwargs, needle):
     teacher, student = pair
-    args = dict(student=student, teacher=teacher, train_set=image_dataset(data_root), distill=DistillConfig(), train=TrainConfig(),
+    args = dict(student=student, teacher=teacher, train_set=image_dataset(data_root), distill=create_loss("inner"), train=TrainConfig(),
                 out_dir=str(tmp_path))
     with pytest.raises(ValueError, match=needle):
         finetune(**{**args, **kwargs})
@@ -225,7 +232,7 @@ def test_teacher_metrics_are_cached(pair, data_root, tmp_path, caplog):
 ])
 def test_inner_distillation_runs_on_each_architecture(name, options, data_root, tmp_path):
     teacher, student = tiny_pair(name)
-    result = finetune(student, teacher, image_dataset(data_root), DistillConfig(), TrainConfig(**FAST, max_steps=2, **options),
+    result = finetune(student, teacher, image_dataset(data_root), create_loss("inner"), TrainConfig(**FAST, max_steps=2, **options),
                       str(tmp_path), progress=False)
     assert result.steps == 2 and len(result.projections) > 0
     assert all(torch.isfinite(torch.tensor(h["train/loss"])) for h in result.history)

@@ -164,7 +164,7 @@ def test_pipeline_pools_exclusion_label_free_and_honest_validation(tmp_path):
     a = _csv_folder(tmp_path / "a", [1, 2, 3, 4] * 3, list(range(12)))
     b = _csv_folder(tmp_path / "b", [-1] * 5 + [5], list(range(20, 25)) + [101], size=(300, 224))  # 5.jpg: a copy
     overrides = ["model.name=resnet18", "model.img_size=32", "model.pretrained=false", "importance=taylor_weight",
-                 "importance.criterion.num_images=8", "importance.batch_size=4", "budget.target=0.5", "logger=none",
+                 "importance.num_images=8", "importance.batch_size=4", "budget.target=0.5", "logger=none",
                  f"data.train_roots=[{a},{b}]", f"data.val_root={val}", "data.balance=class", "data.workers=0",
                  "trainer.epochs=1", "trainer.batch_size=4", "trainer.amp=null", "trainer.channels_last=false",
                  "trainer.warmup_epochs=0", "trainer.cooldown_epochs=0", "data.val_batch_size=4",

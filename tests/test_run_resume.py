@@ -18,7 +18,7 @@ import torch
 
 import distill.train as train_module
 from test_distill_helpers import IMG, state_equal, tiny_pair, write_images
-from distill import DistillConfig, TrainConfig, finetune
+from distill import TrainConfig, create_loss, finetune
 from distill.checkpoint import LAST, load_checkpoint
 from pruning import artifacts
 from pruning.data import image_dataset
@@ -92,7 +92,7 @@ def _cfg(**kwargs) -> TrainConfig:
 def test_time_triggered_checkpoints(saves, data_root, tmp_path, minutes, log_every, expected):
     written, clock = saves
     _, student = tiny_pair("resnet18")  # plain cross-entropy: which updates save does not depend on the loss
-    finetune(student, None, image_dataset(data_root), DistillConfig(method="ce"), _cfg(checkpoint_minutes=minutes, log_every=log_every),
+    finetune(student, None, image_dataset(data_root), create_loss("ce"), _cfg(checkpoint_minutes=minutes, log_every=log_every),
              str(tmp_path), logger=_Ticker(clock), progress=False)
     assert written == expected
 
@@ -100,7 +100,7 @@ def test_time_triggered_checkpoints(saves, data_root, tmp_path, minutes, log_eve
 def test_time_and_step_triggers_combine_without_double_saves(saves, data_root, tmp_path):
     written, clock = saves
     _, student = tiny_pair("resnet18")  # plain cross-entropy: which updates save does not depend on the loss
-    finetune(student, None, image_dataset(data_root), DistillConfig(method="ce"), _cfg(checkpoint_minutes=10, checkpoint_every_steps=4),
+    finetune(student, None, image_dataset(data_root), create_loss("ce"), _cfg(checkpoint_minutes=10, checkpoint_every_steps=4),
              str(tmp_path), logger=_Ticker(clock), progress=False)
     # update 3 by time (minute 12), 4 by count (which restarts the clock), 6 the epoch end, 8 by count, 11 by time
     # (12 min after update 8), 12 the end; no update is saved twice
@@ -115,7 +115,7 @@ def test_resume_from_a_time_triggered_checkpoint_is_bit_identical(saves, data_ro
 
     def run(out: str, die_at: int | None = None):
         teacher, student = tiny_pair("resnet18", drop_rate=0.2, drop_path_rate=0.1)
-        return finetune(student, teacher, image_dataset(data_root), DistillConfig(), cfg, out,
+        return finetune(student, teacher, image_dataset(data_root), create_loss("inner"), cfg, out,
                         logger=_Ticker(clock, die_at), progress=False)
 
     straight = run(str(tmp_path / "a"))
