@@ -23,7 +23,7 @@ Sections (each runs even when an earlier one failed; the JSON is rewritten after
 
 Without a GPU (or with ``--tiny``) every section runs at tiny sizes on the CPU; what needs CUDA (fp16 with a
 GradScaler, NCCL, CUDA timings) is listed as skipped, with the reason. Models have random weights: the check
-proves code paths and speeds, not accuracy.
+proves code paths and speeds, not accuracy (``--checkpoint`` gives b1 real weights, which change "ours").
 """
 from __future__ import annotations
 
@@ -124,10 +124,11 @@ def require(condition: bool, message: str) -> None:
 # ------------------------------------------------------------------------------------------- models
 
 
-def _models(sizes: Sizes) -> dict[str, Any]:
-    """Dense b1, its graph, the published-widths student and our L1 knapsack model (random weights, seeded)."""
+def _models(sizes: Sizes, checkpoint: str | None = None) -> dict[str, Any]:
+    """Dense b1 (random weights, seeded, unless ``checkpoint``), its graph, the published-widths student and our L1
+    knapsack model."""
     torch.manual_seed(0)
-    dense = create_model("efficientnet_b1").eval()
+    dense = create_model("efficientnet_b1", checkpoint=checkpoint).eval()
     graph = build_channel_graph(dense, sizes.img_size)
     published = prune_to_widths(dense, graph, paper_widths("flops_490M", graph))
     ours = search(dense, graph, create_importance("l1")(dense, graph), sizes.budget).pruned
@@ -317,7 +318,7 @@ def check_app(sizes: Sizes, device: torch.device, args: argparse.Namespace, sect
 def check_latency(sizes: Sizes, device: torch.device, args: argparse.Namespace, section: Section) -> None:
     with tempfile.TemporaryDirectory() as cache:
         opts = argparse.Namespace(align="auto", cache_dir=cache, threads=None if device.type == "cuda" else 2,
-                                  device=str(device), backend="torch", no_progress=True, configs=sizes.latency_configs,
+                                  device=str(device), backend="torch", no_progress=device.type != "cuda", configs=sizes.latency_configs,
                                   seed=0, any_width=False, remove_blocks=0.0, rounds=sizes.latency_rounds)
         results = [bench_latency_prediction.run_one(sizes.latency_model, sizes.latency_img, b, opts)
                    for b in sizes.latency_batches]
@@ -404,6 +405,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--out", default="device_check.json", help="where the JSON goes (rewritten after each section)")
     ap.add_argument("--data-dir", default=None, help="a folder laid out like ../shared/data for the app section "
                                                      "(default: synthetic image folders)")
+    ap.add_argument("--checkpoint", default=None, help="efficientnet_b1 weights (a state_dict file); default: random "
+                                                       "weights, whose L1 scores give an unrepresentative 'ours'")
     ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="change a size, e.g. latency_rounds=3 latency_batches=1,64 (fields of Sizes)")
     ap.add_argument("--app-timeout", type=float, default=300.0, help="seconds the app section may take")
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def models() -> dict:
         if not cache:
-            cache.update(_models(sizes))
+            cache.update(_models(sizes, args.checkpoint))
         return cache
 
     runners = {"finetune": lambda s: check_finetune(sizes, device, models, s),
