@@ -168,7 +168,7 @@ def latency_constraint(spec: str | float | int, cost: Cost, parent_ms: float | N
 def lowest_widths(groups: Sequence, round_to: int = 1, min_keep_fraction: float = 0.0,
                   removable: Sequence[tuple[str, ...]] = ()) -> dict[str, int]:
     """The smallest allowed width of every prunable group (0 for the inner groups of removable blocks)."""
-    widths = {g.name: int(allowed_widths(g.width, round_to, min_keep_fraction)[0]) for g in groups}
+    widths = {g.name: int(allowed_widths(g.width, round_to, min_keep_fraction, g.blocks)[0]) for g in groups}
     return widths | {name: 0 for block in removable for name in block}
 
 

@@ -97,6 +97,20 @@ class Bilinear:
 
 
 @dataclass(frozen=True)
+class Grouped:
+    """``coef * w_a * w_b // groups``: a grouped conv producing group ``a`` from group ``b``; both widths stay
+    multiples of ``groups``, so the value is exact (integer arithmetic, no fractional coefficient)."""
+
+    groups: tuple[str, str]
+    coef: int
+    divisor: int
+    layer: str = ""
+
+    def __call__(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return self.coef * np.asarray(a) * np.asarray(b) // self.divisor
+
+
+@dataclass(frozen=True)
 class Gated:
     """``w_a * (coef if w_b > 0 else removed)``: a channelwise layer on group ``a`` inside a removable block whose
     first inner group is ``b``; removing the block removes it, leaving ``removed`` per channel (a kept bias)."""
@@ -234,8 +248,11 @@ def _layer_terms(graph: ChannelGraph, per_pair, per_out) -> list:
     for layer in graph.layers:
         c_pair, c_out = per_pair(layer.cost), per_out(layer.cost)
         if layer.channel_map is ChannelMap.MIX:
-            if c_pair:
-                terms.append(Bilinear((layer.out_group, layer.in_group), c_pair, layer.module))
+            pair = (layer.out_group, layer.in_group)
+            if c_pair and layer.cost.groups > 1:
+                terms.append(Grouped(pair, c_pair, layer.cost.groups, layer.module))
+            elif c_pair:
+                terms.append(Bilinear(pair, c_pair, layer.module))
         elif c_pair:
             terms.append(Linear((layer.out_group,), c_pair, layer.module))
         if c_out:

@@ -49,6 +49,8 @@ class ChannelGroup:
         members: layers sliced when the group shrinks, in execution order.
         prunable: False when the group touches the model's input or output, or is protected.
         reason: why the group is not prunable (empty when it is).
+        blocks: the channels form this many equal contiguous blocks, each keeping as many channels as every
+            other (a grouped conv's groups); kept widths are multiples of it.
     """
 
     name: str
@@ -56,6 +58,7 @@ class ChannelGroup:
     members: list[Member] = field(default_factory=list)
     prunable: bool = True
     reason: str = ""
+    blocks: int = 1
 
 
 @dataclass(frozen=True)
@@ -155,16 +158,27 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 
 class _Classes:
-    """Union-find over channel spaces. Each class has a width; unions require equal widths."""
+    """Union-find over channel spaces. Each class has a width and a number of equal blocks (grouped convs);
+    unions require equal widths and take the finer blocks."""
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.width: list[int] = []
+        self.blocks: list[int] = []
 
     def new(self, width: int) -> int:
         self.parent.append(len(self.parent))
         self.width.append(width)
+        self.blocks.append(1)
         return len(self.parent) - 1
+
+    def split_into(self, c: int, blocks: int, where: str) -> None:
+        """Require class ``c`` to keep the same number of channels in each of ``blocks`` equal blocks."""
+        r = self.find(c)
+        self.blocks[r] = math.lcm(self.blocks[r], blocks)
+        if self.width[r] % self.blocks[r]:
+            raise UnsupportedLayerError(f"{where}: {self.width[r]} channels do not split into {self.blocks[r]} "
+                                        "equal groups")
 
     def find(self, c: int) -> int:
         while self.parent[c] != c:
@@ -177,6 +191,7 @@ class _Classes:
         if self.width[ra] != self.width[rb]:
             raise UnsupportedLayerError(f"{where}: ties channel spaces of widths {self.width[ra]} and {self.width[rb]}")
         self.parent[max(ra, rb)] = min(ra, rb)  # the earlier class stays root: names follow execution order
+        self.split_into(min(ra, rb), self.blocks[max(ra, rb)], where)
         return min(ra, rb)
 
 
@@ -329,6 +344,8 @@ class _Discovery:
         out_shape = _shape(node)
         if cmap is ChannelMap.MIX:
             out_c = self.classes.new(out_shape[1])
+            for c in (out_c, self.chan[src]):  # a grouped conv keeps its groups on both sides
+                self.classes.split_into(c, rule.blocks(module), f"module {node.target!r}")
             self.layers.append((node.target, cmap, out_c, self.chan[src], rule.cost(module, out_shape)))
             self.chan[node] = out_c
             return
@@ -463,7 +480,7 @@ def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, Channel
     names = _class_names(d)
     groups: dict[str, ChannelGroup] = {}
     for root in sorted(names):  # roots are the earliest class: execution order
-        groups[names[root]] = ChannelGroup(name=names[root], width=d.classes.width[root])
+        groups[names[root]] = ChannelGroup(name=names[root], width=d.classes.width[root], blocks=d.classes.blocks[root])
     layers = []
     for module, cmap, out_c, in_c, cost in d.layers:
         out_g = names[find(out_c)]

@@ -36,14 +36,16 @@ class ChannelMap(enum.Enum):
 class LayerCost:
     """Cost of one layer at a fixed spatial size, as a function of its widths.
 
-    For a MIX layer: ``MACs = macs_per_pair * out_width * in_width`` and
-    ``params = params_per_pair * out_width * in_width + params_per_out * out_width``.
-    For a CHANNELWISE layer ``in_width`` is 1 (its single width is the output width).
+    For a MIX layer: ``MACs = macs_per_pair * out_width * in_width // groups`` and
+    ``params = params_per_pair * out_width * in_width // groups + params_per_out * out_width``.
+    For a CHANNELWISE layer ``in_width`` is 1 (its single width is the output width). ``groups`` is a grouped
+    conv's: each output channel reads ``in_width / groups`` inputs (exact, since both widths stay multiples).
     """
 
     macs_per_pair: int = 0
     params_per_pair: int = 0
     params_per_out: int = 0
+    groups: int = 1
 
 
 class UnsupportedLayerError(UserInputError):
@@ -55,6 +57,11 @@ class LayerRule:
 
     def channel_map(self, module: nn.Module) -> ChannelMap:
         return ChannelMap.CHANNELWISE
+
+    def blocks(self, module: nn.Module) -> int:
+        """Into how many equal contiguous blocks this layer splits its input and output channels, each block
+        keeping as many channels as every other (a grouped conv's groups: pruning keeps the groups)."""
+        return 1
 
     def cost(self, module: nn.Module, output_shape: Sequence[int]) -> LayerCost:
         return LayerCost()
@@ -95,19 +102,26 @@ def is_depthwise(conv: nn.Conv2d) -> bool:
     return conv.groups > 1 and conv.groups == conv.in_channels == conv.out_channels
 
 
+def is_grouped(conv: nn.Conv2d) -> bool:
+    """True for a grouped conv that mixes channels within each group (not a plain depthwise one)."""
+    return conv.groups > 1 and not is_depthwise(conv)
+
+
 @register_rule(nn.Conv2d)
 class ConvRule(LayerRule):
-    """Dense convs mix channels; depthwise convs are channelwise. Other grouped convs are refused."""
+    """Dense convs mix channels; depthwise convs are channelwise; grouped convs mix within each group.
+
+    A grouped conv keeps its number of groups and prunes the same number of channels in every group, on both
+    sides (:meth:`blocks`). Why not remove whole groups: RegNet and ResNeXt have few wide groups (2-8 at
+    small widths), so whole groups would be far too coarse a step, while equal counts keep the layer one
+    dense grouped kernel with exact MACs, ``k * out * in / groups``.
+    """
 
     def channel_map(self, module: nn.Conv2d) -> ChannelMap:
-        if module.groups == 1:
-            return ChannelMap.MIX
-        if is_depthwise(module):
-            return ChannelMap.CHANNELWISE
-        raise UnsupportedLayerError(
-            f"grouped conv with groups={module.groups}, in={module.in_channels}, out={module.out_channels} "
-            "is not supported (only dense and depthwise convs); protect it or register a rule for it"
-        )
+        return ChannelMap.CHANNELWISE if is_depthwise(module) else ChannelMap.MIX
+
+    def blocks(self, module: nn.Conv2d) -> int:
+        return module.groups if is_grouped(module) else 1
 
     def cost(self, module: nn.Conv2d, output_shape: Sequence[int]) -> LayerCost:
         kernel = math.prod(module.kernel_size)
@@ -116,18 +130,36 @@ class ConvRule(LayerRule):
             macs_per_pair=spatial * kernel,
             params_per_pair=kernel,
             params_per_out=1 if module.bias is not None else 0,
+            groups=self.blocks(module),
         )
 
     def prune_out(self, module: nn.Conv2d, idx: torch.Tensor) -> None:
-        _replace_param(module, "weight", idx, 0)
+        _replace_param(module, "weight", idx, 0)  # a grouped conv's rows are its groups' outputs, in order
         _replace_param(module, "bias", idx, 0)
         if is_depthwise(module):
             module.in_channels = module.groups = len(idx)
         module.out_channels = len(idx)
 
     def prune_in(self, module: nn.Conv2d, idx: torch.Tensor) -> None:
-        _replace_param(module, "weight", idx, 1)
+        if is_grouped(module):
+            module.weight = nn.Parameter(_grouped_columns(module.weight.data, idx, module.groups, module.in_channels),
+                                         requires_grad=module.weight.requires_grad)
+        else:
+            _replace_param(module, "weight", idx, 1)
         module.in_channels = len(idx)
+
+
+def _grouped_columns(weight: torch.Tensor, idx: torch.Tensor, groups: int, in_channels: int) -> torch.Tensor:
+    """A grouped conv's weight keeping input channels ``idx`` (the same number in every group): each group's
+    rows keep the columns of that group's own kept inputs."""
+    per_group = in_channels // groups
+    local = idx.to(weight.device).view(groups, -1) - per_group * torch.arange(groups, device=weight.device)[:, None]
+    if local.min() < 0 or local.max() >= per_group:
+        raise ValueError(f"kept inputs {idx.tolist()} are not the same number in each of the {groups} groups")
+    rows = weight.view(groups, weight.shape[0] // groups, per_group, *weight.shape[2:])
+    index = local[:, None, :].expand(groups, rows.shape[1], local.shape[1])
+    index = index.reshape(*index.shape, *([1] * (weight.dim() - 2))).expand(*index.shape, *weight.shape[2:])
+    return rows.gather(2, index).reshape(weight.shape[0], local.shape[1], *weight.shape[2:]).clone()
 
 
 @register_rule(nn.Linear)

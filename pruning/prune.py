@@ -29,6 +29,10 @@ def _check_keep(graph: ChannelGraph, keep: Mapping[str, list[int]]) -> dict[str,
             continue  # nothing removed: leave the layers untouched (bit-identical)
         if not group.prunable:
             raise ValueError(f"group {name!r} cannot be pruned: {group.reason}")
+        per_block = torch.bincount(idx // (group.width // group.blocks), minlength=group.blocks)
+        if group.blocks > 1 and not (per_block == per_block[0]).all():
+            raise ValueError(f"group {name!r} feeds a grouped conv: keep the same number of channels in each of its "
+                             f"{group.blocks} groups of {group.width // group.blocks}, got {per_block.tolist()}")
         checked[name] = idx
     return checked
 
@@ -72,8 +76,13 @@ def prune_model(model: nn.Module, graph: ChannelGraph, keep: Mapping[str, Sequen
 
 
 def prune_to_widths(model: nn.Module, graph: ChannelGraph, widths: Mapping[str, int]) -> nn.Module:
-    """Prune to the given widths keeping each group's first channels (for architectures, not accuracy)."""
-    return prune_model(model, graph, {g: range(w) for g, w in widths.items()})
+    """Prune to the given widths keeping each group's first channels (of each block, for a grouped conv's
+    groups): for architectures, not accuracy."""
+    from .solve import first_channels
+
+    groups = graph.groups
+    return prune_model(model, graph, {g: first_channels(groups[g].width, w, groups[g].blocks) if w else []
+                                      for g, w in widths.items()})
 
 
 def _sync_timm_attributes(model: nn.Module) -> None:

@@ -55,6 +55,7 @@ def knapsack_problem(
         round_to=round_to,
         min_keep_fraction=min_keep_fraction,
         removable=tuple(removable),
+        blocks={g.name: g.blocks for g in graph.prunable_groups() if g.blocks > 1},
     )
 
 

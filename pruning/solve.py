@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -58,6 +58,8 @@ class KnapsackProblem:
         round_to: kept widths are multiples of this (or the full width) when > 1.
         min_keep_fraction: every group keeps at least ``ceil(fraction * width)`` (and at least 1) channels.
         removable: the inner groups of each removable block; each tuple's groups may all take width 0 together.
+        blocks: groups whose channels form equal blocks that keep equal counts (grouped convs,
+            :attr:`pruning.graph.ChannelGroup.blocks`), by name; every other group is one block.
     """
 
     scores: Mapping[str, np.ndarray]
@@ -66,6 +68,7 @@ class KnapsackProblem:
     round_to: int = 1
     min_keep_fraction: float = 0.0
     removable: Sequence[tuple[str, ...]] = ()
+    blocks: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -122,8 +125,10 @@ class Solution:
 # ------------------------------------------------------------------------------------------ widths
 
 
-def allowed_widths(width: int, round_to: int = 1, min_keep_fraction: float = 0.0) -> np.ndarray:
-    """Allowed kept widths of a group of ``width`` channels, ascending (the full width is always allowed)."""
+def allowed_widths(width: int, round_to: int = 1, min_keep_fraction: float = 0.0, blocks: int = 1) -> np.ndarray:
+    """Allowed kept widths of a group of ``width`` channels, ascending (the full width is always allowed); with
+    ``blocks`` equal blocks, multiples of it (every block keeps as many channels, at least one)."""
+    round_to = math.lcm(max(1, round_to), blocks)
     lo = max(1, math.ceil(min_keep_fraction * width - 1e-9))
     lo = min(lo, width)
     if round_to <= 1:
@@ -146,9 +151,19 @@ def channel_order(scores: np.ndarray) -> np.ndarray:
     return np.argsort(-np.asarray(scores, dtype=np.float64), kind="stable")
 
 
-def kept_channels(scores: np.ndarray, width: int) -> list[int]:
-    """Sorted indices of the ``width`` best channels."""
-    return sorted(channel_order(scores)[:width].tolist())
+def kept_channels(scores: np.ndarray, width: int, blocks: int = 1) -> list[int]:
+    """Sorted indices of the ``width`` best channels; with ``blocks`` equal contiguous blocks, the
+    ``width / blocks`` best of each (a grouped conv keeps its groups)."""
+    scores = np.asarray(scores, dtype=np.float64)
+    if width % blocks or len(scores) % blocks:
+        raise ValueError(f"{width} of {len(scores)} channels do not split into {blocks} equal blocks")
+    size, per = len(scores) // blocks, width // blocks
+    return sorted(b * size + i for b in range(blocks) for i in channel_order(scores[b * size:(b + 1) * size])[:per].tolist())
+
+
+def first_channels(full: int, width: int, blocks: int = 1) -> list[int]:
+    """The first ``width`` channels (the first ``width / blocks`` of each block): an architecture, not a choice."""
+    return kept_channels(np.zeros(full), width, blocks)
 
 
 # ---------------------------------------------------------------------------------------- registry
@@ -208,7 +223,7 @@ def _solution(problem: KnapsackProblem, inst, idx: np.ndarray, bound: float, sol
     widths = dict(zip(inst.names, inst.widths(idx)))
     objective = inst.value(idx)
     gap = (bound - objective) / bound if bound > 0 else (0.0 if bound == objective else math.nan)
-    keep = {g: kept_channels(problem.scores[g], w) for g, w in widths.items()}
+    keep = {g: kept_channels(problem.scores[g], w, problem.blocks.get(g, 1)) for g, w in widths.items()}
     costs = {c.name: c.cost(widths) for c in problem.constraints}  # the true costs, from the costs themselves
     limits = {c.name: c.limit for c in problem.constraints}
     return Solution(widths, keep, objective, bound, gap, costs, limits, inst.binding(idx), solver,

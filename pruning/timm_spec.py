@@ -25,28 +25,34 @@ from ._io import atomic_torch_save, atomic_write_text, read_torch_file
 from .blocks import removed_blocks
 from .errors import UserInputError
 from .graph import ChannelGraph
+from .layers import is_grouped
 
 SEPARATOR = "***"
 _ENTRY = re.compile(r"^([\w.\-]+):\[([\d,\s]*)\]$")
 
 
 class SpecUnsupportedError(UserInputError):
-    """The model cannot be written as a timm pruned spec (it has removed blocks); other formats hold it."""
+    """The model cannot be written as a timm pruned spec (removed blocks, grouped convs); other formats hold it."""
 
 
 def check_spec_expressible(model: nn.Module) -> None:
-    """Raise :class:`SpecUnsupportedError` when ``model`` has removed blocks, naming them.
+    """Raise :class:`SpecUnsupportedError` when ``model`` has removed blocks or grouped convs, naming them.
 
     Detected from the model itself (the replacement modules carry a marker), so any pruned model is checked
     the same way whatever produced it.
     """
     names = removed_blocks(model)
+    grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and is_grouped(m)]
     if names:
-        raise SpecUnsupportedError(
-            f"the model has {len(names)} removed residual block(s) ({', '.join(names)}); timm's pruned spec lists "
-            "state_dict shapes and cannot express a removed block, so no timm-format files were written. "
-            "pruned_checkpoint.pth (load it with pruning.artifacts.load_pruned) and the ONNX file hold this model."
-        )
+        why = (f"the model has {len(names)} removed residual block(s) ({', '.join(names)}); timm's pruned spec lists "
+               "state_dict shapes and cannot express a removed block")
+    elif grouped:
+        why = (f"the model has {len(grouped)} grouped conv(s) (e.g. {grouped[0]!r}); timm's pruned spec rebuilds "
+               "every conv with groups > 1 as a depthwise one, so it cannot express them")
+    else:
+        return
+    raise SpecUnsupportedError(f"{why}, so no timm-format files were written. pruned_checkpoint.pth (load it with "
+                               "pruning.artifacts.load_pruned) and the ONNX file hold this model.")
 
 
 def spec_from_model(model: nn.Module) -> str:

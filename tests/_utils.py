@@ -15,8 +15,9 @@ def random_keep(graph: ChannelGraph, seed: int = 0, low: float = 0.3, high: floa
     keep = {}
     for g in graph.prunable_groups():
         frac = low + (high - low) * torch.rand(1, generator=gen).item()
-        n = max(1, round(frac * g.width))
-        keep[g.name] = sorted(torch.randperm(g.width, generator=gen)[:n].tolist())
+        size = g.width // g.blocks  # a grouped conv's groups keep equal counts
+        n = max(1, round(frac * size))
+        keep[g.name] = sorted(b * size + i for b in range(g.blocks) for i in torch.randperm(size, generator=gen)[:n].tolist())
     return keep
 
 
@@ -28,9 +29,21 @@ def masked_reference(model: nn.Module, graph: ChannelGraph, keep: dict[str, list
         removed = sorted(set(range(graph.groups[name].width)) - set(idx))
         for m in graph.groups[name].members:
             if m.role == "in":
-                with torch.no_grad():
-                    modules[m.module].weight[:, removed] = 0
+                _zero_inputs(modules[m.module], removed)
     return ref
+
+
+@torch.no_grad()
+def _zero_inputs(module: nn.Module, removed: list[int]) -> None:
+    """Zero the weights that read input channels ``removed`` (a grouped conv: in its own group's rows)."""
+    groups = getattr(module, "groups", 1)
+    if groups == 1:
+        module.weight[:, removed] = 0
+        return
+    per_in, per_out = module.weight.shape[1], module.weight.shape[0] // groups
+    for r in removed:
+        g, j = divmod(r, per_in)
+        module.weight[g * per_out:(g + 1) * per_out, j] = 0
 
 
 NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 
 from pruning import CostModel, build_channel_graph, create_model
+from pruning.graph import ChannelGroup
 from pruning.budget import (check_feasible, latency_constraint, lowest_widths, macs_constraint, params_constraint,
                             parse_latency, resolve_budget)
 from pruning.cost import Cost, Linear
@@ -67,7 +68,7 @@ def test_params_and_latency_constraints():
     assert latency_constraint("0.6", latency).limit == pytest.approx(3.0)  # fraction of the predicted parent
     assert latency_constraint("0.6", latency, parent_ms=10.0).limit == pytest.approx(6.0)  # of the measured one
     with pytest.raises(ValueError, match=r"minimum achievable is 0.5 ms \(10.0% of the parent\)"):
-        check_feasible([latency_constraint("0.4ms", latency)], [type("G", (), {"name": "a", "width": 10})()])
+        check_feasible([latency_constraint("0.4ms", latency)], [ChannelGroup("a", 10)])
 
 
 def test_budgets_above_the_parent_are_refused():

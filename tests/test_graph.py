@@ -144,6 +144,12 @@ class _Grouped(nn.Module):
         return self.grouped(self.conv(x))
 
 
+def test_a_grouped_conv_splits_both_sides_into_equal_blocks():
+    graph = build_channel_graph(_Grouped(), 16)
+    assert graph.groups["conv"].blocks == 2 and graph.groups["conv"].prunable  # its input: the dense conv's output
+    assert graph.groups["grouped"].blocks == 2  # its output (the model's output: not prunable)
+
+
 class _NoRule(nn.Module):
     def __init__(self):
         super().__init__()
@@ -164,7 +170,6 @@ class _ChannelMean(nn.Module):
 
 @pytest.mark.parametrize("model,needle", [
     (_Concat(), "'cat'"),
-    (_Grouped(), "'grouped'"),
     (_NoRule(), "'norm' of type GroupNorm"),
     (_ChannelMean(), "reduces over the batch or channel dim"),
 ])

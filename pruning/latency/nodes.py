@@ -66,15 +66,23 @@ def _resize(shape: Sequence[int], batch: int, width: int | None) -> tuple[int, .
 
 def _pruned_module(module: nn.Module, out_w: int | None, in_w: int | None) -> nn.Module:
     """A copy of ``module`` keeping its first ``out_w`` output and ``in_w`` input channels (None: all)."""
+    from ..solve import first_channels
+
     m = copy.deepcopy(module)
     rule = find_rule(m)
     if rule is None:
         return m
+    blocks = rule.blocks(m)  # a grouped conv keeps the same number of channels in each group
+
+    def first(w: int, full: int) -> torch.Tensor:
+        return torch.tensor(first_channels(full, w, blocks), dtype=torch.long)
+
     if rule.channel_map(m) is ChannelMap.MIX:
+        full_out, full_in = m.weight.shape[0], m.weight.shape[1] * blocks
         if out_w is not None:
-            rule.prune_out(m, torch.arange(out_w))
+            rule.prune_out(m, first(out_w, full_out))
         if in_w is not None:
-            rule.prune_in(m, torch.arange(in_w))
+            rule.prune_in(m, first(in_w, full_in))
     elif out_w is not None and any(True for _ in m.parameters()):
         rule.prune_out(m, torch.arange(out_w))
     return m

@@ -174,7 +174,7 @@ def reduce(problem: KnapsackProblem) -> Instance:
     pos = {g: i for i, g in enumerate(names)}
     removable = _removable_groups(problem, pos)
     grids = [_grid(problem, g, g in removable) for g in names]
-    values = [_prefix_values(problem.scores[g])[grid] for g, grid in zip(names, grids)]
+    values = [_prefix_values(problem.scores[g], problem.blocks.get(g, 1))[grid] for g, grid in zip(names, grids)]
     constraints = list(problem.constraints)
     if not constraints:
         raise ValueError("no constraint: give at least one budget (MACs, params or latency)")
@@ -214,14 +214,16 @@ def _removable_groups(problem: KnapsackProblem, pos: dict[str, int]) -> set[str]
 
 def _grid(problem: KnapsackProblem, group: str, removable: bool) -> np.ndarray:
     round_to = width_multiple(problem.round_to, problem.constraints)
-    grid = allowed_widths(problem.full_widths[group], round_to, problem.min_keep_fraction)
+    grid = allowed_widths(problem.full_widths[group], round_to, problem.min_keep_fraction, problem.blocks.get(group, 1))
     return np.concatenate([[0], grid]).astype(np.int64) if removable else grid
 
 
-def _prefix_values(scores: np.ndarray) -> np.ndarray:
-    """``V(w)`` for ``w = 0..width``: sums of the ``w`` largest scores."""
+def _prefix_values(scores: np.ndarray, blocks: int = 1) -> np.ndarray:
+    """``V(w)`` for ``w = 0..width``: sums of the ``w`` largest scores; with equal ``blocks``, of the
+    ``w // blocks`` largest of each block (widths between multiples are never allowed)."""
     s = np.asarray(scores, dtype=np.float64)
-    return np.concatenate([[0.0], np.cumsum(s[channel_order(s)])])
+    per_block = [np.concatenate([[0.0], np.cumsum(b[channel_order(b)])]) for b in np.split(s, blocks)]
+    return sum(v[np.arange(len(s) + 1) // blocks] for v in per_block)
 
 
 def _evaluate_terms(c: Constraint, full, pos, grids, edges, k: int, n_constraints: int):
