@@ -264,6 +264,8 @@ class _Discovery:
         self.fixed: dict[int, str] = {}
         self.seen_modules: set[str] = set()
         self.unary = _UNARY | _timm_unary()
+        self.vectors: dict[fx.Node, int] = {}  # per-channel parameter tensors -> the axis holding the channels
+        self.param_names: dict[int, str] = {}  # their classes -> the parameter's name
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -313,6 +315,14 @@ class _Discovery:
 
     def _on_get_attr(self, node: fx.Node) -> None:
         value = operator.attrgetter(node.target)(self.gm)
+        if isinstance(value, torch.Tensor) and sum(d > 1 for d in value.shape) == 1:
+            # per-channel values used directly (ConvNeXt's layer scale ``gamma``): the channels they scale are
+            # kept whole, since the values are not sliced with them
+            c = self.classes.new(max(value.shape))
+            self.chan[node], self.vectors[node] = c, value.dim() - 1 - list(reversed(value.shape)).index(max(value.shape))
+            self.fixed[c] = f"scaled by parameter {node.target!r}, used directly in the forward pass"
+            self.param_names[c] = node.target
+            return
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             raise UnsupportedLayerError(
                 f"tensor {node.target!r} is used directly in the forward pass, outside a layer with a rule; "
@@ -351,6 +361,8 @@ class _Discovery:
             return
         self._check_channels_kept(src, node, f"module {node.target!r} ({type(module).__name__})")
         self.chan[node] = self.chan[src]
+        if reason := rule.fixes_channels(module):
+            self.fixed.setdefault(self.chan[src], f"{reason} (layer {node.target!r})")
         if has_params:
             self.layers.append((node.target, cmap, self.chan[src], None, rule.cost(module, out_shape)))
 
@@ -374,6 +386,8 @@ class _Discovery:
             self._check_reduce_dims(node, where)
             return self._passthrough(node, tensor_inputs, where)
         if target in (_RESHAPE_METHODS if is_method else _RESHAPE):
+            if tensor_inputs[0] in self.vectors:
+                return self._vector_to_channels(node, tensor_inputs[0], where)
             self._check_reshape(node, tensor_inputs[0], where)
             return self._passthrough(node, tensor_inputs, where)
         raise UnsupportedLayerError(
@@ -381,6 +395,14 @@ class _Discovery:
             "break the model. Supported: elementwise activations, add/mul/sub/div with channel broadcasting, "
             "spatial pooling and means, flatten of spatial dims, and layers with a registered rule."
         )
+
+    def _vector_to_channels(self, node: fx.Node, src: fx.Node, where: str) -> None:
+        """A per-channel parameter reshaped to broadcast over the channel dim (``gamma.reshape(1, -1, 1, 1)``)."""
+        shape, width = _shape(node), self.classes.width[self.chan[src]]
+        if len(shape) < 2 or shape[1] != width or math.prod(shape) != width:
+            raise UnsupportedLayerError(f"{where} reshapes per-channel parameter {src.target!r} to {shape}, not to "
+                                        "(1, channels, 1, ...)")
+        self.chan[node] = self.chan[src]
 
     def _passthrough(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
         if len(inputs) != 1:
@@ -452,6 +474,8 @@ def _class_names(d: _Discovery) -> dict[int, str]:
     for module, cmap, out_c, _in_c, _ in d.layers:
         if cmap is ChannelMap.MIX:
             names.setdefault(find(out_c), module)
+    for c, param in d.param_names.items():
+        names.setdefault(find(c), param)
     for c in d.fixed:
         names.setdefault(find(c), INPUT_GROUP)
     return names

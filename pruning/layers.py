@@ -58,6 +58,10 @@ class LayerRule:
     def channel_map(self, module: nn.Module) -> ChannelMap:
         return ChannelMap.CHANNELWISE
 
+    def fixes_channels(self, module: nn.Module) -> str | None:
+        """Why the channels this layer sees can never be pruned exactly, or None (most layers)."""
+        return None
+
     def blocks(self, module: nn.Module) -> int:
         """Into how many equal contiguous blocks this layer splits its input and output channels, each block
         keeping as many channels as every other (a grouped conv's groups: pruning keeps the groups)."""
@@ -191,6 +195,30 @@ class BatchNormRule(LayerRule):
         for name in ("weight", "bias", "running_mean", "running_var"):
             _replace_param(module, name, idx, 0)
         module.num_features = len(idx)
+
+
+def _register_channel_norms() -> None:
+    from timm.layers import LayerNorm2d
+
+    @register_rule(LayerNorm2d)
+    class ChannelNormRule(LayerRule):
+        """A norm whose statistics run over the channels (ConvNeXt's LayerNorm2d): every output channel depends
+        on all of them, so removing any changes the kept ones too; the group stays whole (exactness first), and
+        the layers around it (ConvNeXt's MLP hidden widths) are pruned."""
+
+        def fixes_channels(self, module: nn.Module) -> str | None:
+            return f"{type(module).__name__} normalises over these channels: removing any would change the others"
+
+        def cost(self, module: nn.Module, output_shape: Sequence[int]) -> LayerCost:
+            return LayerCost(params_per_out=2 if module.elementwise_affine else 0)
+
+        def prune_out(self, module: nn.Module, idx: torch.Tensor) -> None:
+            for name in ("weight", "bias"):
+                _replace_param(module, name, idx, 0)
+            module.normalized_shape = (len(idx),)
+
+
+_register_channel_norms()
 
 
 def _elementwise_types() -> list[type]:

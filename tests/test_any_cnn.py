@@ -1,4 +1,5 @@
-"""timm CNNs beyond EfficientNet: grouped convolutions (RegNet, ResNeXt) are pruned exactly.
+"""timm CNNs beyond EfficientNet: grouped convolutions (RegNet, ResNeXt) and channel norms with layer scale
+(ConvNeXt) are pruned exactly.
 
 Each model, at a small resolution, with random weights and random norm statistics: a random pruning equals the
 masked original; a searched 0.6 MACs budget is met within 0.995-1.0; the pruned model reloads from its
@@ -20,6 +21,7 @@ from pruning.importance import create_importance
 from pruning.search import search
 
 GROUPED = ["regnetx_002", "resnext26ts"]
+MODELS = [*GROUPED, "convnext_atto"]
 
 
 @pytest.fixture(scope="module")
@@ -46,10 +48,11 @@ def _groups(model: nn.Module) -> dict[str, int]:
     return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
 
 
-@pytest.mark.parametrize("name", GROUPED)
-def test_grouped_pruning_equals_the_masked_model(model_cache, graph_of, name):
+@pytest.mark.parametrize("name", MODELS)
+def test_pruning_equals_the_masked_model(model_cache, graph_of, name):
     model, graph = model_cache(name).eval(), graph_of(name)
-    assert any(g.blocks > 1 and g.prunable for g in graph.groups.values())  # grouped convs are pruned, not protected
+    if name in GROUPED:
+        assert any(g.blocks > 1 and g.prunable for g in graph.groups.values())  # grouped convs are pruned
     for seed in (1, 2):
         keep = random_keep(graph, seed=seed)
         pruned = prune_model(model, graph, keep).eval()
@@ -60,7 +63,7 @@ def test_grouped_pruning_equals_the_masked_model(model_cache, graph_of, name):
         assert macs_cost(graph)(widths) == count_model(pruned, SMALL).macs  # the cost model is exact
 
 
-@pytest.mark.parametrize("name", GROUPED)
+@pytest.mark.parametrize("name", MODELS)
 def test_a_searched_budget_is_met_and_the_model_reloads(model_cache, graph_of, name, tmp_path):
     model, graph = model_cache(name).eval(), graph_of(name)
     result = search(model, graph, create_importance("l1")(model, graph), 0.6)
@@ -72,7 +75,8 @@ def test_a_searched_budget_is_met_and_the_model_reloads(model_cache, graph_of, n
         assert (per_block == per_block[0]).all(), g
     files, skipped = save_pruned(result.pruned, str(tmp_path), name, SMALL, result.solution.keep, "pruned",
                                  graph.protected_patterns, 0)
-    assert skipped and "grouped conv" in skipped  # timm's spec would rebuild them as depthwise convs
+    if name in GROUPED:
+        assert skipped and "grouped conv" in skipped  # timm's spec would rebuild them as depthwise convs
     reloaded, _ = load_pruned(str(tmp_path / "pruned_checkpoint.pth"), model, name)
     with torch.no_grad():
         assert _close(reloaded(_images()), result.pruned.eval()(_images()))
@@ -83,3 +87,12 @@ def test_unequal_counts_per_group_are_refused(model_cache, graph_of):
     group = next(g for g in graph.prunable_groups() if g.blocks > 1)
     with pytest.raises(ValueError, match="same number of channels in each"):
         prune_model(model_cache("resnext26ts"), graph, {group.name: [0]})
+
+
+def test_channel_norms_and_layer_scale_keep_the_stream_whole(graph_of):
+    """ConvNeXt: LayerNorm2d normalises over the stream's channels and gamma scales them, so only the MLP hidden
+    widths are pruned; each fixed group says why."""
+    graph = graph_of("convnext_atto")
+    assert {g.name.rsplit(".", 1)[-1] for g in graph.prunable_groups()} == {"fc1"}
+    reasons = " ".join(g.reason for g in graph.groups.values() if not g.prunable)
+    assert "gamma" in reasons or "normalises over these channels" in reasons
