@@ -255,8 +255,10 @@ def _where(node: fx.Node) -> str:
 class _Discovery:
     """One pass over the fx graph: assigns a channel class to every tensor and records layers."""
 
-    def __init__(self, gm: fx.GraphModule) -> None:
+    def __init__(self, gm: fx.GraphModule, protected: Sequence[str] = ()) -> None:
         self.gm = gm
+        self.protected = tuple(protected)
+        self.opaque_tuples: set[fx.Node] = set()
         self.modules = dict(gm.named_modules())
         self.classes = _Classes()
         self.chan: dict[fx.Node, int] = {}
@@ -265,17 +267,45 @@ class _Discovery:
         self.seen_modules: set[str] = set()
         self.unary = _UNARY | _timm_unary()
         self.vectors: dict[fx.Node, int] = {}  # per-channel parameter tensors -> the axis holding the channels
-        self.param_names: dict[int, str] = {}  # their classes -> the parameter's name
+        self.sources: dict[int, str] = {}  # classes born outside a layer (parameters, opaque ops) -> their name
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
-            if node.op in ("call_module", "call_function", "call_method"):
-                self._check_operands(node)
-                if _returns_several_tensors(node) and self._channel_inputs(node):
-                    self._on_channel_split(node)
-                    continue
-            handler = getattr(self, f"_on_{node.op}")
-            handler(node)
+            try:
+                self._visit(node)
+            except UnsupportedLayerError:
+                if not self._opaque(node):
+                    raise
+
+    def _visit(self, node: fx.Node) -> None:
+        if node.op in ("call_module", "call_function", "call_method"):
+            if any(a in self.opaque_tuples for a in _flatten_nodes((node.args, node.kwargs))):
+                raise UnsupportedLayerError(f"{_where(node)} reads a piece of an unmodelled operation's output")
+            self._check_operands(node)
+            if _returns_several_tensors(node) and self._channel_inputs(node):
+                self._on_channel_split(node)
+                return
+        getattr(self, f"_on_{node.op}")(node)
+
+    def _opaque(self, node: fx.Node) -> bool:
+        """An operation discovery does not model, inside a protected module: its inputs and outputs keep every
+        channel (fixed groups), so pruning elsewhere stays exact. False (refuse) outside protected modules, and
+        for a layer without a rule that holds convs or linears (its MACs would go uncounted)."""
+        pattern = is_protected(_scope(node), self.protected) if node.op.startswith("call_") else None
+        module = self.modules.get(node.target) if node.op == "call_module" else None
+        if pattern is None or (module is not None and any(isinstance(m, (nn.Conv2d, nn.Linear)) for m in module.modules())):
+            return False
+        reason = f"used by {_where(node)}, which pruning does not model, inside protected {pattern!r}"
+        for arg in self._channel_inputs(node):
+            self.fixed.setdefault(self.chan[arg], reason)
+        shape = _shape(node)
+        if _returns_several_tensors(node):
+            self.opaque_tuples.add(node)
+        elif shape is not None and len(shape) >= 2:
+            self.chan[node] = self.classes.new(shape[1])
+            self.fixed[self.chan[node]] = reason
+            self.sources[self.chan[node]] = f"{_scope(node)}:{node.name}"
+        return True
 
     # -- guards: every tensor that carries channels must be modelled, or discovery stops
     def _on_channel_split(self, node: fx.Node) -> None:
@@ -284,7 +314,8 @@ class _Discovery:
         dependency between the pieces and their producer would be lost: reject until splits are modelled."""
         raise UnsupportedLayerError(
             f"{_where(node)} splits the channel tensor into several outputs (chunk/split/unbind); "
-            "channel splits are not supported yet"
+            "channel splits are not supported yet: protect the module it runs in (model.protected=[...]) to keep "
+            "its channels whole"
         )
 
     def _check_operands(self, node: fx.Node) -> None:
@@ -321,7 +352,7 @@ class _Discovery:
             c = self.classes.new(max(value.shape))
             self.chan[node], self.vectors[node] = c, value.dim() - 1 - list(reversed(value.shape)).index(max(value.shape))
             self.fixed[c] = f"scaled by parameter {node.target!r}, used directly in the forward pass"
-            self.param_names[c] = node.target
+            self.sources[c] = node.target
             return
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             raise UnsupportedLayerError(
@@ -393,7 +424,8 @@ class _Discovery:
         raise UnsupportedLayerError(
             f"{where} is not known to the channel-group discovery, so pruning through it could silently "
             "break the model. Supported: elementwise activations, add/mul/sub/div with channel broadcasting, "
-            "spatial pooling and means, flatten of spatial dims, and layers with a registered rule."
+            "spatial pooling and means, flatten of spatial dims, and layers with a registered rule. To keep its "
+            "channels whole instead, protect the module it runs in (model.protected=[..., 'that.module'])."
         )
 
     def _vector_to_channels(self, node: fx.Node, src: fx.Node, where: str) -> None:
@@ -474,7 +506,7 @@ def _class_names(d: _Discovery) -> dict[int, str]:
     for module, cmap, out_c, _in_c, _ in d.layers:
         if cmap is ChannelMap.MIX:
             names.setdefault(find(out_c), module)
-    for c, param in d.param_names.items():
+    for c, param in d.sources.items():
         names.setdefault(find(c), param)
     for c in d.fixed:
         names.setdefault(find(c), INPUT_GROUP)
@@ -565,7 +597,7 @@ def build_channel_graph(
             ShapeProp(gm).propagate(torch.zeros(1, in_chans, *hw, device=param.device, dtype=param.dtype))
     finally:
         model.train(was_training)
-    discovery = _Discovery(gm)
+    discovery = _Discovery(gm, patterns)
     discovery.run()
     groups, layers = _assemble(discovery, patterns)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)

@@ -150,6 +150,35 @@ def test_a_grouped_conv_splits_both_sides_into_equal_blocks():
     assert graph.groups["grouped"].blocks == 2  # its output (the model's output: not prunable)
 
 
+class _ProtectedConcat(nn.Module):
+    """A dense conv feeding a concatenation inside ``fuse``, then a head: only ``fuse`` is out of reach."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
+        self.fuse = _Concat()
+        self.fuse.a, self.fuse.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+        self.fuse.head = nn.Identity()
+        self.head = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 1))
+
+    def forward(self, x):
+        return self.head(self.fuse(self.stem(x)))
+
+
+def test_an_unknown_operation_inside_a_protected_module_keeps_its_channels_whole():
+    model = randomize_norms_and_biases(_ProtectedConcat(), img_size=16).eval()
+    with pytest.raises(UnsupportedLayerError, match="protect the module it runs in"):
+        build_channel_graph(model, 16, protected=[])
+    graph = build_channel_graph(model, 16, protected=["fuse"])
+    assert {g.name for g in graph.prunable_groups()} == {"stem.0", "head.0"}  # around the concatenation
+    assert "inside protected 'fuse'" in graph.groups["fuse.a"].reason
+    keep = random_keep(graph, seed=3)
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.allclose(prune_model(model, graph, keep).eval()(x), masked_reference(model, graph, keep).eval()(x),
+                              atol=1e-5)
+
+
 class _NoRule(nn.Module):
     def __init__(self):
         super().__init__()
