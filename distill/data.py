@@ -30,9 +30,16 @@ def train_transform(model: nn.Module, img_size: int) -> Callable:
 
 
 def with_transform(dataset: Dataset, transform: Callable) -> Dataset:
-    """A shallow copy of ``dataset`` using ``transform`` when it has none (``image_dataset(root)`` without one)."""
+    """``dataset`` under ``transform`` when it has none (``image_dataset(root)`` without one), else ``dataset``.
+
+    ``dataset`` itself is never changed: an :class:`~pruning.data.ImageListDataset` gives a new view of its images
+    (:meth:`~pruning.data.ImageListDataset.with_transform`), any other dataset with a ``transform`` attribute of
+    None a shallow copy.
+    """
     if getattr(dataset, "transform", "absent") is not None:
         return dataset
+    if hasattr(dataset, "with_transform"):
+        return dataset.with_transform(transform)
     dataset = copy.copy(dataset)
     dataset.transform = transform
     return dataset

@@ -90,7 +90,7 @@ def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
     """Torch-Pruning's model at the budget, written as the app's ``pruned_checkpoint.pth`` in ``run_dir``.
 
     The parent, the budget, the pool and the images Taylor gradients are taken on are the app's own, read
-    through :class:`pruning.pipeline.Run`'s checks (the first ``importance.num_images`` of the pool in the
+    through :func:`pruning.pipeline.preflight`'s checks (the first ``importance.num_images`` of the pool in the
     app's seeded order, the validation images' copies excluded). Its BN statistics are left to the app's fine-tuning
     stage, which recalibrates a checkpoint saved without recalibration before it fine-tunes.
     """
@@ -98,18 +98,17 @@ def prune_with_torch_pruning(budget: str, criterion: str, run_dir: str) -> None:
 
     from peers import kept_channels, torch_pruning_to_macs
     from pruning import artifacts
-    from pruning.data import ImageListDataset, eval_loader, eval_transform, take_images
+    from pruning.data import eval_loader, eval_transform, take_images
     from pruning.loggers import NullLogger
-    from pruning.pipeline import Run
+    from pruning.pipeline import preflight
     from pruning.prune import prune_model
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, "conf"), version_base="1.3"):
         cfg = compose("config", overrides=[*app_overrides(budget, criterion), "stages=[finetune]", "logger=none"])
-    app = Run(cfg, run_dir, NullLogger())
-    app.preflight()  # the checks only: parent, budget, pool (stages=[finetune] makes it read the data)
+    app = preflight(cfg, run_dir, NullLogger())  # the checks only: parent, budget, pool (stages=[finetune] reads data)
     size, n = cfg.model.img_size, cfg.importance.num_images
-    images = ImageListDataset(app.train_set.samples, eval_transform(app.parent, size))
-    loader = eval_loader(images, cfg.importance.batch_size, cfg.data.workers, shuffle_seed=cfg.seed)
+    loader = eval_loader(app.data.pool.dataset, cfg.importance.batch_size, cfg.data.workers, shuffle_seed=cfg.seed,
+                         transform=eval_transform(app.parent, size))
     batches = list(take_images(loader, n, "Torch-Pruning importance images", progress=False))
     pruned = torch_pruning_to_macs(app.parent, size, app.budget.macs, PEER_IMPORTANCE[criterion], batches).eval()
     keep = kept_channels(app.parent, pruned, app.graph)

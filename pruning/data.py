@@ -66,6 +66,10 @@ class ImageListDataset(Dataset):
         self.transform = transform
         self.replaced: set[str] = set()  # paths replaced in this process
 
+    def with_transform(self, transform: Callable | None) -> ImageListDataset:
+        """The same images under ``transform``: a new dataset, this one left as it is (shared datasets keep theirs)."""
+        return ImageListDataset(self.samples, transform)
+
     def __len__(self) -> int:
         return len(self.samples)
 
@@ -245,16 +249,21 @@ class ShardSampler(Sampler[int]):
 
 
 def eval_loader(dataset: Dataset, batch_size: int = 32, workers: int = 2, shuffle_seed: int | None = None,
-                pin_memory: bool = False, shard: bool = False) -> DataLoader:
+                pin_memory: bool = False, shard: bool = False, transform: Callable | None = None) -> DataLoader:
     """A loader without augmentation over ``dataset``, or over this process's share of it.
 
     Args:
+        dataset: ``(image, label)`` pairs; with ``transform``, an :class:`ImageListDataset`.
         shuffle_seed: visit the images in a seeded random order (so the first N are a random sample of
             classes, not the first classes); None keeps the dataset order.
         pin_memory: pin host memory for faster copies to a GPU.
         shard: in a distributed run, give each process its own share (the caller then reduces across
             processes); False: every process sees all of ``dataset``. A single process always sees all of it.
+        transform: load the images under this transform (:meth:`ImageListDataset.with_transform`: ``dataset``
+            itself is left unchanged); None: as ``dataset`` gives them.
     """
+    if transform is not None:
+        dataset = dataset.with_transform(transform)
     world, rank = (D.world_size(), D.rank()) if shard else (1, 0)
     sampler = ShardSampler(len(dataset), world, rank, shuffle_seed)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, pin_memory=pin_memory)

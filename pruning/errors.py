@@ -21,3 +21,8 @@ class MissingInputError(UserInputError, FileNotFoundError):
 
 class MissingPackageError(UserInputError, ImportError):
     """An optional package the input asks for is not installed; the message gives the ``pip install`` command."""
+
+
+class PipelineError(UserInputError):
+    """Bad input found by the pipeline (a stage's missing input, a setting that cannot work); the message names
+    the value and the fix."""

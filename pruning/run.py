@@ -1,6 +1,6 @@
 """The Hydra app: ``python -m pruning.run [+budget=flops_490M] [+experiment=...] [overrides]``.
 
-Stages and their files are in :mod:`pruning.pipeline`; configs in ``conf/``. The run directory is
+Checks and the driver are in :mod:`pruning.pipeline`, the stages and their files in :mod:`pruning.stages`; configs in ``conf/``. The run directory is
 ``hydra.run.dir`` (deterministic, so a rerun resumes); under torchrun every rank runs this entry point.
 
 Exit codes: 0 done; 2 an error about the input (:class:`~pruning.errors.UserInputError`: one paragraph
@@ -23,7 +23,7 @@ from ._registry import import_plugins
 from .distributed import init_distributed, is_main
 from .errors import UserInputError
 from .loggers import LOGGERS, NullLogger
-from .pipeline import Run
+from . import pipeline
 
 log = logging.getLogger("pruning")
 
@@ -56,11 +56,10 @@ def _run(cfg: DictConfig) -> dict:
     import_plugins(cfg.get("plugins"))  # the run's own extensions register before anything is built from the config
     run_dir = HydraConfig.get().runtime.output_dir
     logger = LOGGERS.from_config(cfg.logger) if is_main() else NullLogger()
-    run = Run(cfg, run_dir, logger)
-    run.preflight()
+    ctx = pipeline.preflight(cfg, run_dir, logger)
     logger.start(run_dir, OmegaConf.to_container(cfg, resolve=True), name=run_dir)
     try:
-        report = run.run()
+        report = pipeline.run_stages(ctx)
     finally:
         logger.finish()
     if is_main():

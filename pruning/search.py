@@ -6,12 +6,16 @@ This is the middle of the pipeline (importance -> **solve -> prune** -> distil -
     result = search(model, graph, scores, "flops_490M")
     result.pruned            # the physically smaller model
     result.solution.widths   # kept width per group
+
+:func:`choose_channels` is the search without building the model: :func:`search` and the app's solve stage
+(:func:`pruning.stages.stage_solve`) both find their channels through it, with the device in the loop
+(:class:`MeasuredLimit`, :func:`solve_to_measured`) when a latency budget is checked by measurement.
 """
 from __future__ import annotations
 
 import re
 from collections import defaultdict
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -36,6 +40,7 @@ class SearchResult:
     macs_after: int
     params_before: int
     params_after: int
+    verification: list[dict] = field(default_factory=list)  # with a MeasuredLimit: the solve_to_measured steps
 
     @property
     def ratio(self) -> float:
@@ -59,6 +64,63 @@ def knapsack_problem(
     )
 
 
+@dataclass(frozen=True)
+class MeasuredLimit:
+    """The device in the loop: re-solve while the chosen channels measure over ``allowed`` (:func:`solve_to_measured`).
+
+    Attributes:
+        measure: solution -> the measured quantity (a latency in ms, or a ratio to the parent's).
+        allowed: the largest acceptable measurement, in ``measure``'s unit.
+        cost_name: the constraint whose limit is lowered by the measured excess.
+        iterations: solves at most.
+    """
+
+    measure: Callable[[Solution], float]
+    allowed: float
+    cost_name: str = "latency"
+    iterations: int = 4
+
+
+def choose_channels(
+    graph: ChannelGraph,
+    scores: Mapping[str, torch.Tensor],
+    constraints: Sequence[Constraint],
+    solver: str = "exact",
+    round_to: int = 1,
+    min_keep_fraction: float = 0.0,
+    removable: Sequence[tuple[str, ...]] = (),
+    time_limit: float = 10.0,
+    gap_tol: float = 1e-6,
+    solver_options: Mapping[str, Any] | None = None,
+    measured: MeasuredLimit | None = None,
+) -> tuple[Solution, list[dict]]:
+    """The channels every group keeps under all ``constraints``: the search, without building the model.
+
+    Args:
+        graph: the unpruned model's channel graph.
+        scores: per-channel importance of every prunable group.
+        constraints: the limits (MACs, params, latency, any registered cost: :mod:`pruning.budget`), all met.
+        solver: a name in :data:`pruning.solve.SOLVERS`.
+        round_to: kept widths are multiples of this (or full).
+        min_keep_fraction: no group keeps fewer than this fraction of its channels.
+        removable: inner groups of the blocks that may be removed whole (:func:`removable_groups`).
+        time_limit, gap_tol, solver_options: the solver's arguments (:func:`pruning.solve.solve`).
+        measured: measure the chosen model and solve again while it misses its limit; None trusts the costs.
+
+    Returns:
+        ``(solution, history)``: ``history`` is :func:`solve_to_measured`'s steps, empty without ``measured``.
+
+    Raises:
+        UserInputError: a limit is below its cost at the lowest allowed widths (before solving).
+    """
+    check_feasible(constraints, graph.prunable_groups(), round_to, min_keep_fraction, removable)
+    problem = knapsack_problem(graph, scores, constraints, round_to, min_keep_fraction, removable)
+    if measured is None:
+        return solve(problem, solver, time_limit, gap_tol, **(solver_options or {})), []
+    return solve_to_measured(problem, measured.measure, measured.allowed, measured.cost_name, solver, time_limit,
+                             gap_tol, measured.iterations, solver_options=solver_options)
+
+
 def search(
     model: nn.Module,
     graph: ChannelGraph,
@@ -71,6 +133,8 @@ def search(
     constraints: Sequence[Constraint] = (),
     allow_block_removal: bool = False,
     solver_options: Mapping[str, Any] | None = None,
+    gap_tol: float = 1e-6,
+    measured: MeasuredLimit | None = None,
 ) -> SearchResult:
     """Choose the channels to keep under ``budget`` (and any other ``constraints``) and build the pruned model.
 
@@ -86,6 +150,8 @@ def search(
         constraints: further limits (params, latency: :mod:`pruning.budget`), all met together.
         allow_block_removal: removable residual blocks (:mod:`pruning.blocks`) may lose all inner channels.
         solver_options: further arguments of the solver (:func:`pruning.solve.solve`).
+        gap_tol: the solver's optimality gap (:func:`pruning.solve.solve`).
+        measured: re-solve while the pruned model measures over a limit on the device (:class:`MeasuredLimit`).
     """
     cost = CostModel(graph, model)
     limits = list(constraints)
@@ -96,12 +162,12 @@ def search(
     if not limits:
         raise ValueError("no budget: give a MACs budget or at least one constraint (params, latency)")
     removable = removable_groups(model, graph) if allow_block_removal else ()
-    check_feasible(limits, graph.prunable_groups(), round_to, min_keep_fraction, removable)
-    problem = knapsack_problem(graph, scores, limits, round_to, min_keep_fraction, removable)
-    solution = solve(problem, solver, time_limit, **(solver_options or {}))
+    solution, history = choose_channels(graph, scores, limits, solver, round_to, min_keep_fraction, removable,
+                                        time_limit, gap_tol, solver_options, measured)
     pruned = prune_model(model, graph, solution.keep)
     widths = solution.widths
-    return SearchResult(budget, solution, pruned, cost.macs(), cost.macs(widths), cost.params(), cost.params(widths))
+    return SearchResult(budget, solution, pruned, cost.macs(), cost.macs(widths), cost.params(), cost.params(widths),
+                        history)
 
 
 def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], float], allowed: float,

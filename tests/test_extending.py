@@ -18,7 +18,7 @@ from _utils import masked_reference, random_keep
 from pruning import UnsupportedLayerError, artifacts, build_channel_graph, create_model, prune_model
 from pruning.errors import UserInputError
 from pruning.loggers import NullLogger
-from pruning.pipeline import Run
+from pruning.pipeline import preflight, run_stages
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 SEARCH = ["model.name=resnet18", "model.img_size=32", "model.pretrained=false", "logger=none", "budget.target=0.5",
@@ -47,9 +47,8 @@ def _compose(*overrides: str):
 
 
 def _run(tmp_path, *overrides: str) -> dict:
-    run = Run(_compose(*SEARCH, f"paths.cache_dir={tmp_path}/cache", *overrides), str(tmp_path / "run"), NullLogger())
-    run.preflight()
-    return run.run()
+    cfg = _compose(*SEARCH, f"paths.cache_dir={tmp_path}/cache", *overrides)
+    return run_stages(preflight(cfg, str(tmp_path / "run"), NullLogger()))
 
 
 def test_a_new_criterion_decides_the_kept_channels(tmp_path, undo):

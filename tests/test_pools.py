@@ -157,7 +157,7 @@ def test_pipeline_pools_exclusion_label_free_and_honest_validation(tmp_path):
     from hydra import compose, initialize_config_dir
 
     from pruning.loggers import NullLogger
-    from pruning.pipeline import Run
+    from pruning.pipeline import preflight, run_stages
     from test_run import CONF
 
     val = _csv_folder(tmp_path / "val", [1, 2, 3], [100, 101, 102], size=(227, 227))
@@ -172,9 +172,8 @@ def test_pipeline_pools_exclusion_label_free_and_honest_validation(tmp_path):
                  f"paths.cache_dir={tmp_path / 'cache'}"]
     with initialize_config_dir(config_dir=CONF, version_base="1.3"):
         cfg = compose("config", overrides=overrides)
-    run = Run(cfg, str(tmp_path / "run"), NullLogger())
-    run.preflight()
-    report = run.run()
+    ctx = preflight(cfg, str(tmp_path / "run"), NullLogger())
+    report = run_stages(ctx)
     pool = report["data"]["pool"]
     assert (pool["images"], pool["labelled"], pool["excluded_val_copies"]) == (17, 12, 1)
     assert pool["excluded"][0]["pool"].endswith("b/images/5.jpg") and report["data"]["ce_weight"] == 0.0

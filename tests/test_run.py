@@ -16,7 +16,7 @@ from timm.models._prune import adapt_model_from_string
 from pruning import artifacts
 from pruning.errors import UserInputError
 from pruning.loggers import NullLogger
-from pruning.pipeline import Run
+from pruning.pipeline import preflight, run_stages
 
 CONF = str(Path(__file__).resolve().parents[1] / "conf")
 ROOT = Path(__file__).resolve().parents[1]
@@ -66,39 +66,33 @@ def _search_cfg(tmp_path, *overrides):
 
 
 def test_search_stages_and_reuse_across_budgets(tmp_path):
-    first = Run(_search_cfg(tmp_path, "budget.target=0.5"), str(tmp_path / "a"), NullLogger())
-    first.preflight()
-    report = first.run()
+    report = run_stages(preflight(_search_cfg(tmp_path, "budget.target=0.5"), str(tmp_path / "a"), NullLogger()))
     assert 0.995 <= report["model"]["achieved_over_target"] <= 1.0
     for f in (artifacts.REPORT, artifacts.SPEC, artifacts.STATE_DICT, artifacts.CHECKPOINT, "kept_fractions.png"):
         assert (tmp_path / "a" / f).is_file(), f
     scores = next((tmp_path / "cache" / "scores").iterdir())
     stamp = scores.stat().st_mtime_ns
-    second = Run(_search_cfg(tmp_path, "budget.target=0.7"), str(tmp_path / "b"), NullLogger())
-    second.preflight()
-    assert second.run()["model"]["macs_after"] > report["model"]["macs_after"]
+    second = preflight(_search_cfg(tmp_path, "budget.target=0.7"), str(tmp_path / "b"), NullLogger())
+    assert run_stages(second)["model"]["macs_after"] > report["model"]["macs_after"]
     assert scores.stat().st_mtime_ns == stamp and len(list(scores.parent.iterdir())) == 1  # scores reused
 
 
 def test_stages_run_alone(tmp_path):
-    full = Run(_search_cfg(tmp_path, "budget.target=0.5"), str(tmp_path / "r"), NullLogger())
-    full.preflight()
-    full.run()
+    run_stages(preflight(_search_cfg(tmp_path, "budget.target=0.5"), str(tmp_path / "r"), NullLogger()))
     solution = (tmp_path / "r" / artifacts.SOLUTION).read_text()
     (tmp_path / "r" / artifacts.CHECKPOINT).unlink()
-    alone = Run(_search_cfg(tmp_path, "budget.target=0.5", "stages=[prune]"), str(tmp_path / "r"), NullLogger())
-    alone.preflight()
-    alone.run()
+    run_stages(preflight(_search_cfg(tmp_path, "budget.target=0.5", "stages=[prune]"), str(tmp_path / "r"), NullLogger()))
     assert (tmp_path / "r" / artifacts.CHECKPOINT).is_file()
     assert (tmp_path / "r" / artifacts.SOLUTION).read_text() == solution
     with pytest.raises(ValueError, match="add the solve stage"):
-        Run(_search_cfg(tmp_path, "stages=[prune]"), str(tmp_path / "empty"), NullLogger()).run()
+        run_stages(preflight(_search_cfg(tmp_path, "budget.target=0.5", "stages=[prune]"), str(tmp_path / "empty"),
+                             NullLogger()))
 
 
 def _preflight(tmp_path, *overrides):
     if not any(o.startswith("budget.target=") for o in overrides):
         overrides = ("budget.target=0.5", *overrides)
-    Run(_search_cfg(tmp_path, *overrides), str(tmp_path / "run"), NullLogger()).preflight()
+    preflight(_search_cfg(tmp_path, *overrides), str(tmp_path / "run"), NullLogger())
 
 
 @pytest.mark.parametrize("overrides,needle", [
@@ -138,13 +132,51 @@ def test_latency_on_cuda_without_a_gpu_fails_before_loading_anything(tmp_path, m
         _preflight(tmp_path, "budget.latency=0.6", "latency.device=cuda")
 
 
-def test_latency_and_macs_budgets_are_both_met(tmp_path):
+def _spy_on_search(monkeypatch) -> list[dict]:
+    """Every call of the API's search (:func:`pruning.search.choose_channels`), as its arguments by name."""
+    import inspect
+
+    import pruning.search as search
+
+    real, calls = search.choose_channels, []
+    signature = inspect.signature(real)
+
+    def spy(*args, **kwargs):
+        calls.append(signature.bind(*args, **kwargs).arguments)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "choose_channels", spy)
+    return calls
+
+
+def test_the_app_solves_through_the_api_search(tmp_path, monkeypatch):
+    """One search path: the solve stage calls pruning.search.choose_channels, as search() does, and both give
+    the same channels for the same scores and budget."""
+    from pruning.search import search
+    from pruning.stages import read_cached_scores
+
+    searches = _spy_on_search(monkeypatch)
+    ctx = preflight(_search_cfg(tmp_path, "budget.target=0.5", "stages=[importance,solve]"), str(tmp_path / "r"),
+                    NullLogger())
+    run_stages(ctx)
+    assert len(searches) == 1 and searches[0]["measured"] is None
+    saved = artifacts.read_json(str(tmp_path / "r" / artifacts.SOLUTION))
+    result = search(ctx.parent, ctx.graph, read_cached_scores(ctx), 0.5, time_limit=60, allow_block_removal=True)
+    assert len(searches) == 2
+    assert (result.solution.keep, result.solution.widths) == (saved["keep"], saved["widths"])
+
+
+def test_latency_and_macs_budgets_are_both_met(tmp_path, monkeypatch):
     """A measured latency table (built on first use, reused after) and a MACs budget bind together."""
+    from pruning.search import MeasuredLimit
+
+    searches = _spy_on_search(monkeypatch)
     overrides = ["model.name=resnet18", "model.img_size=32", "budget.target=0.8", "budget.latency=0.6",
                  "latency.threads=1", "latency.rounds=3"]
-    run = Run(_search_cfg(tmp_path, *overrides), str(tmp_path / "lat"), NullLogger())
-    run.preflight()
-    report = run.run()
+    report = run_stages(preflight(_search_cfg(tmp_path, *overrides), str(tmp_path / "lat"), NullLogger()))
+    # the device is in the loop of the API's search, not of a copy of it
+    assert len(searches) == 1 and isinstance(searches[0]["measured"], MeasuredLimit)
+    assert report["latency_verification"]["steps"][-1]["met"]
     limits = {c["cost"]: c["limit"] for c in report["budget"]["constraints"]}
     assert set(limits) == {"macs", "latency"} and report["solve"]["costs"]["macs"] <= limits["macs"]
     assert report["solve"]["costs"]["latency"] <= limits["latency"] * (1 + 1e-9)
@@ -154,9 +186,8 @@ def test_latency_and_macs_budgets_are_both_met(tmp_path):
     assert lat["batch"] == 1 and lat["backend"] == "torch" and lat["threads"] == 1
     assert lat["measured_parent"] > 0 and lat["measured_pruned"] > 0 and lat["table"]["model"] == "resnet18"
     tables = list((tmp_path / "cache" / "latency").iterdir())
-    again = Run(_search_cfg(tmp_path, *overrides[:-2], "budget.latency=0.5", "latency.threads=1"),
-                str(tmp_path / "lat2"), NullLogger())
-    again.preflight()  # a second budget on the same device reuses the table
+    preflight(_search_cfg(tmp_path, *overrides[:-2], "budget.latency=0.5", "latency.threads=1"), str(tmp_path / "lat2"),
+              NullLogger())  # a second budget on the same device reuses the table
     assert list((tmp_path / "cache" / "latency").iterdir()) == tables
     with pytest.raises(ValueError, match="minimum achievable"):
         _preflight(tmp_path, *overrides[:3], "budget.latency=0.001ms", "latency.threads=1")
@@ -199,13 +230,13 @@ def test_a_paper_budget_as_target_compares_with_the_published_model(tmp_path):
     (test_cli_paper_budget_search_only); the published widths are for the base model at the paper's resolution."""
     from pruning.paper import paper_widths
 
-    run = Run(_search_cfg(tmp_path, "model.name=efficientnet_b1", "model.img_size=240", "budget.target=flops_490M",
-                          "solver=uniform"), str(tmp_path / "r"), NullLogger())
-    assert run.cfg.budget.name is None
-    run.preflight()
-    published = run.run()["model"]["published"]
+    cfg = _search_cfg(tmp_path, "model.name=efficientnet_b1", "model.img_size=240", "budget.target=flops_490M",
+                      "solver=uniform")
+    assert cfg.budget.name is None
+    ctx = preflight(cfg, str(tmp_path / "r"), NullLogger())
+    published = run_stages(ctx)["model"]["published"]
     assert published["model"] == "efficientnet_b1_pruned" and published["macs"] == 391_208_019
-    assert published["widths"] == paper_widths("flops_490M", run.graph)
+    assert published["widths"] == paper_widths("flops_490M", ctx.graph)
 
 
 @pytest.mark.parametrize("overrides,needle,code", [
@@ -223,9 +254,9 @@ def test_cli_errors_exit_nonzero_with_a_message(tmp_path, overrides, needle, cod
 
 def test_cli_internal_error_exits_1_with_its_traceback(tmp_path):
     """A bug (here a KeyError raised inside the pipeline) is not an input error: its traceback is shown."""
-    script = ("import runpy, sys; from pruning.pipeline import Run\n"
-              "def bug(self): raise KeyError('an internal key that a bug forgot')\n"
-              "Run.preflight = bug\n"
+    script = ("import runpy, sys; import pruning.pipeline as pipeline\n"
+              "def bug(*args): raise KeyError('an internal key that a bug forgot')\n"
+              "pipeline.preflight = bug\n"
               "sys.argv = ['pruning.run', *sys.argv[1:]]\n"
               "runpy.run_module('pruning.run', run_name='__main__', alter_sys=True)\n")  # as python -m pruning.run
     env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "0"}
@@ -275,20 +306,43 @@ def test_a_pruned_model_keeps_its_protection_through_later_stages(tmp_path):
     from test_distill_helpers import write_images
 
     data, run_dir = write_images(str(tmp_path / "images"), per_class=6), str(tmp_path / "run")
-    first = Run(_tiny_train_cfg(tmp_path, data, "model.protected=[]", "stages=[importance,solve,prune]"), run_dir,
-                NullLogger())
-    first.preflight()
-    first.run()
+    first = preflight(_tiny_train_cfg(tmp_path, data, "model.protected=[]", "stages=[importance,solve,prune]"), run_dir,
+                      NullLogger())
+    run_stages(first)
     keep = torch.load(tmp_path / "run" / artifacts.CHECKPOINT, weights_only=False)["keep"]
     assert len(keep["conv1"]) < 64  # resnet18's stem, protected by default, was pruned
     (tmp_path / "run" / artifacts.SOLUTION).unlink()
-    later = Run(_tiny_train_cfg(tmp_path, data, "stages=[finetune,validate]"), run_dir, NullLogger())
-    later.preflight()
-    report = later.run()
+    report = run_stages(preflight(_tiny_train_cfg(tmp_path, data, "stages=[finetune,validate]"), run_dir, NullLogger()))
     assert report["finetune"]["steps"] == 2 and report["validate"]["student"]["top1"] >= 0
     model, meta = artifacts.load_pruned(str(tmp_path / "run" / artifacts.CHECKPOINT), first.parent)
     assert meta["stage"] == "finetuned" and meta["protected"] == [] and meta["keep"] == keep
     assert model.conv1.out_channels == len(keep["conv1"])
+
+
+def test_stages_leave_the_context_and_its_datasets_unchanged(tmp_path):
+    """Every stage that reads images (Taylor importance, BN recalibration, fine-tuning with a learning curve,
+    validation) binds its transform to a view when it builds its loader: the pool and the validation set keep
+    their samples and no transform, and the context cannot be changed."""
+    import dataclasses
+
+    from test_distill_helpers import write_images
+
+    data = write_images(str(tmp_path / "images"), per_class=6)
+    cfg = _compose("model.name=resnet18", "model.img_size=32", "model.pretrained=false", "importance=taylor_weight",
+                   "importance.num_images=8", "importance.batch_size=4", "bn_recalibration.num_images=8",
+                   "bn_recalibration.batch_size=4", "budget.target=0.5", "logger=none", f"data.root={data}",
+                   "data.workers=0", "data.val_batch_size=4", "trainer.max_steps=2", "trainer.batch_size=4",
+                   "trainer.val_every_steps=1", "trainer.amp=null", "trainer.channels_last=false",
+                   f"paths.cache_dir={tmp_path}/cache")
+    ctx = preflight(cfg, str(tmp_path / "run"), NullLogger())
+    pool, val = ctx.data.pool.dataset, ctx.data.val_set
+    before = (list(pool.samples), list(val.samples))
+    report = run_stages(ctx)
+    assert report["bn_recalibration"]["images"] == 8 and len(report["finetune"]["val_curve"]) == 2
+    assert (pool.transform, val.transform) == (None, None) and (pool.samples, val.samples) == before
+    assert ctx.data.pool.dataset is pool and ctx.data.val_set is val
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ctx.data = None
 
 
 def test_weights_of_another_architecture_or_with_nan_name_the_first_key(tmp_path):
@@ -359,10 +413,10 @@ def test_fewer_images_than_one_batch_fail_in_preflight(tmp_path):
     cfg = _tiny_train_cfg(tmp_path, data, "trainer.batch_size=8", "stages=[importance,solve,prune,finetune]")
     with pytest.raises(UserInputError, match=r"the training pool has \d images, fewer than one batch of "
                                              r"trainer.batch_size=8.*lower trainer.batch_size to at most \d"):
-        Run(cfg, str(tmp_path / "run"), NullLogger()).preflight()
+        preflight(cfg, str(tmp_path / "run"), NullLogger())
     assert not (tmp_path / "run" / artifacts.CHECKPOINT).exists()
-    Run(_tiny_train_cfg(tmp_path, data, "trainer.batch_size=8", "stages=[importance,solve,prune]"),
-        str(tmp_path / "run"), NullLogger()).preflight()  # no fine-tuning: no batch needed
+    preflight(_tiny_train_cfg(tmp_path, data, "trainer.batch_size=8", "stages=[importance,solve,prune]"),
+              str(tmp_path / "run"), NullLogger())  # no fine-tuning: no batch needed
 
 
 def test_undecodable_images_are_left_out_and_counted_in_the_report(tmp_path):
@@ -379,10 +433,8 @@ def test_undecodable_images_are_left_out_and_counted_in_the_report(tmp_path):
     cut.write_bytes(cut.read_bytes()[:300])
     garbage = root / "val" / "n02102040" / "0.png"
     garbage.write_bytes(b"this is no image" * 4)
-    run = Run(_tiny_train_cfg(tmp_path, root, "stages=[importance,solve,prune,finetune,validate]"),
-              str(tmp_path / "run"), NullLogger())
-    run.preflight()
-    report = run.run()
+    report = run_stages(preflight(_tiny_train_cfg(tmp_path, root, "stages=[importance,solve,prune,finetune,validate]"),
+                                  str(tmp_path / "run"), NullLogger()))
     pool, val = report["data"]["pool"], report["data"]["val"]
     assert (pool["unreadable_images"], pool["unreadable"], pool["images"]) == (1, [str(cut)], 12)
     assert (val["unreadable_images"], val["unreadable"], val["images"]) == (1, [str(garbage)], 5)
@@ -397,9 +449,7 @@ def test_corrupt_cached_scores_and_solution_are_recomputed(tmp_path, caplog):
     def rerun(stages: str) -> list[str]:
         caplog.clear()
         with caplog.at_level("WARNING", logger="pruning"):
-            run = Run(_search_cfg(tmp_path, *overrides, f"stages=[{stages}]"), run_dir, NullLogger())
-            run.preflight()
-            run.run()
+            run_stages(preflight(_search_cfg(tmp_path, *overrides, f"stages=[{stages}]"), run_dir, NullLogger()))
         return [r.getMessage() for r in caplog.records]
 
     rerun("importance,solve,prune")
@@ -440,16 +490,13 @@ def test_a_model_pruned_elsewhere_is_recalibrated_before_fine_tuning(tmp_path):
     keep = {g.name: list(range(0, g.width, 2)) for g in graph.prunable_groups()}
     artifacts.save_pruned(prune_model(parent, graph, keep), str(tmp_path / "elsewhere"), "resnet18", 32, keep, "pruned",
                           graph.protected_patterns)
-    run = Run(cfg, str(tmp_path / "elsewhere"), NullLogger())
-    run.preflight()
-    run.parent.load_state_dict(parent.state_dict())
-    report = run.run()
+    ctx = preflight(cfg, str(tmp_path / "elsewhere"), NullLogger())
+    ctx.parent.load_state_dict(parent.state_dict())
+    report = run_stages(ctx)
     assert report["bn_recalibration"]["images"] == 8
     assert torch.load(tmp_path / "elsewhere" / artifacts.CHECKPOINT, weights_only=False)["bn_recalibrated_images"] == 8
 
-    ours = Run(_tiny_train_cfg(tmp_path, data, "stages=[importance,solve,prune]"), str(tmp_path / "ours"), NullLogger())
-    ours.preflight()
-    ours.run()  # bn_recalibration.num_images=0 here: recorded as 0
-    later = Run(cfg, str(tmp_path / "ours"), NullLogger())
-    later.preflight()
-    assert "bn_recalibration" not in later.run()
+    ours = preflight(_tiny_train_cfg(tmp_path, data, "stages=[importance,solve,prune]"), str(tmp_path / "ours"),
+                     NullLogger())
+    run_stages(ours)  # bn_recalibration.num_images=0 here: recorded as 0
+    assert "bn_recalibration" not in run_stages(preflight(cfg, str(tmp_path / "ours"), NullLogger()))

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from pruning import build_channel_graph, create_model
+from pruning.cost import CostModel
 from pruning.count import count_model
 from pruning.importance import create_importance
 from pruning.search import kept_fraction_by_stage, search, stage_of
@@ -108,3 +109,16 @@ def test_solve_to_measured_tightens_until_the_device_agrees():
     assert not history[0]["met"] and history[-1]["met"] and len(history) >= 2
     assert measure(solution) <= allowed < 1.1 * history[0]["predicted"]
     assert [h["limit"] for h in history] == sorted((h["limit"] for h in history), reverse=True)
+
+
+def test_search_with_the_device_in_the_loop(b1):
+    """search(..., measured=...): a device measuring 10% above the MACs count: solved again until it agrees."""
+    from pruning.search import MeasuredLimit
+
+    model, graph, scores = b1
+    parent = CostModel(graph, model).macs()
+    measured = MeasuredLimit(lambda solution: 1.1 * solution.costs["macs"], 0.5 * parent, cost_name="macs")
+    result = search(model, graph, scores, 0.5, measured=measured)
+    steps = result.verification
+    assert not steps[0]["met"] and steps[-1]["met"] and len(steps) >= 2
+    assert 1.1 * result.macs_after <= 0.5 * parent and result.solution.macs == result.macs_after
