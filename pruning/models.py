@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import difflib
+import hashlib
 from typing import Any, Mapping
 
 import timm
@@ -127,10 +128,26 @@ def check_weights(name: str, pretrained: bool, checkpoint: str | None) -> None:
         )
 
 
-def load_parent(name: str, pretrained: bool, checkpoint: str | None) -> nn.Module:
-    """The unpruned parent: timm's weights, a local state_dict, or a Lite0/1/2 package's weights."""
-    if package_model(name, checkpoint) is not None:
-        from .lite_packages import load_pretrained_lite
+def load_parent(name: str, pretrained: bool, checkpoint: str | None, seed: int = 0) -> nn.Module:
+    """The unpruned parent: timm's weights, a local state_dict, or a Lite0/1/2 package's weights.
 
-        return load_pretrained_lite(name)
-    return create_model(name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+    Its random initialisation (the weights themselves with ``pretrained=false``) is drawn from ``seed`` without
+    touching the global random state: the same command gives the same parent, hence the same channels.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if package_model(name, checkpoint) is not None:
+            from .lite_packages import load_pretrained_lite
+
+            return load_pretrained_lite(name)
+        return create_model(name, pretrained=pretrained and checkpoint is None, checkpoint=checkpoint)
+
+
+def weights_fingerprint(model: nn.Module) -> str:
+    """A short hash of every parameter and buffer (names, shapes, values): what keys caches of anything computed
+    from these weights (importance scores, the teacher's accuracy), whatever config produced them."""
+    digest = hashlib.sha256()
+    for key, tensor in model.state_dict().items():
+        digest.update(f"{key}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]

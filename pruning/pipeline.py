@@ -33,7 +33,7 @@ from .distributed import default_device, describe, is_main, main_first, world_si
 from .errors import PipelineError
 from .graph import ChannelGraph, build_channel_graph
 from .importance import importance_from_config
-from .models import check_model_name, check_weights, load_parent
+from .models import check_model_name, check_weights, load_parent, weights_fingerprint
 from .pools import TrainingPool, check_balance, readable_images, training_pool
 from .search import removable_groups
 from .solve import Constraint, check_solver
@@ -117,7 +117,7 @@ def preflight(cfg: DictConfig, run_dir: str, logger: Any) -> RunContext:
     budget = None if cfg.budget.target is None else resolve_budget(cfg.budget.target, cost.macs())
     constraints = _constraints(cfg, budget, parent, graph, cost, removable)
     ctx = RunContext(cfg, run_dir, logger, stages, criterion, loss, train_cfg, parent, graph, cost, budget,
-                     constraints, removable)
+                     constraints, removable, weights=weights_fingerprint(parent))
     ctx = replace(ctx, cached_scores=read_cached_scores(ctx))  # a corrupt cache is said here, recomputed later
     if _needs_data(ctx):
         ctx = replace(ctx, data=_check_data(ctx))
@@ -149,7 +149,7 @@ def _needs_data(ctx: RunContext) -> bool:
 def _load_parent(cfg: DictConfig) -> tuple[nn.Module, ChannelGraph]:
     """The unpruned model (on the run's device, eval mode) and its channel graph at the run's input size."""
     m = cfg.model
-    parent = load_parent(m.name, m.pretrained, m.checkpoint).to(default_device()).eval()
+    parent = load_parent(m.name, m.pretrained, m.checkpoint, cfg.seed).to(default_device()).eval()
     protected = None if m.protected is None else list(m.protected)
     return parent, build_channel_graph(parent, m.img_size, protected)
 

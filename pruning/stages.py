@@ -89,6 +89,8 @@ class RunContext:
             (MACs, params, ``budget.limits``, latency), in that order; removable: inner groups of the blocks that
             may be removed whole.
         latency_table: this device's latency table with a latency budget, else None.
+        weights: a fingerprint of the parent's weights (:func:`pruning.models.weights_fingerprint`), part of the
+            keys of the score and teacher caches.
         cached_scores: the importance scores an earlier run cached for this configuration, None if none (or corrupt).
         data: the images; None when no selected stage reads any.
     """
@@ -106,6 +108,7 @@ class RunContext:
     budget: Budget | None
     constraints: tuple[Constraint, ...]
     removable: tuple[tuple[str, ...], ...]
+    weights: str = ""
     latency_table: LatencyTable | None = None
     cached_scores: Scores | None = None
     data: RunData | None = None
@@ -152,12 +155,12 @@ def stage_importance(ctx: RunContext) -> Scores:
 
 
 def scores_key(ctx: RunContext) -> str:
-    """What the scores depend on: the model, its weights and size, the criterion and, if it reads data, the pool."""
+    """What the scores depend on: the model, its weights (their fingerprint, not the config that loaded them) and
+    size, the criterion and, if it reads data, the pool."""
     m, imp, d = ctx.cfg.model, ctx.cfg.importance, ctx.cfg.data
     roots = list(d.train_roots) if d.train_roots else None  # the folders decide the pool (less the val copies)
     data = [d.root, d.train_split, roots, d.val_root, d.holdout_fraction] if ctx.criterion.needs_data else None
-    return short_hash([m.name, m.img_size, m.pretrained, m.checkpoint, m.protected,
-                       OmegaConf.to_container(imp, resolve=True), data])
+    return short_hash([m.name, m.img_size, ctx.weights, m.protected, OmegaConf.to_container(imp, resolve=True), data])
 
 
 def scores_path(ctx: RunContext) -> str:
@@ -441,7 +444,7 @@ def stage_validate(ctx: RunContext, model: nn.Module) -> dict:
     from distill.evaluate import validation_warnings
 
     m, val_set = ctx.cfg.model, ctx.data.val_set
-    key = short_hash([m.name, m.checkpoint, m.pretrained, m.img_size, [s for s, _ in val_set.samples][:3], len(val_set)])
+    key = short_hash([m.name, ctx.weights, m.img_size, [s for s, _ in val_set.samples][:3], len(val_set)])
     teacher_cache = os.path.join(ctx.cfg.paths.cache_dir, "teacher")  # shared by every run of a sweep
     metrics = validate_pair(model, ctx.parent, _eval_view(ctx, val_set), teacher_cache, key,
                             batch_size=ctx.cfg.data.val_batch_size, workers=ctx.cfg.data.workers)
