@@ -41,3 +41,18 @@ def model_cache():
 def shared_data_dir() -> Path:
     """``../shared/data`` beside the repo (or $KP_SHARED_DATA)."""
     return Path(os.environ.get("KP_SHARED_DATA", Path(__file__).resolve().parents[1].parent / "shared" / "data"))
+
+
+@pytest.fixture(scope="module")
+def graph_of(model_cache):
+    """Channel graphs of ``model_cache``'s models at ``SMALL``, built once per test module."""
+    from pruning import build_channel_graph
+
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            cache[name] = build_channel_graph(model_cache(name), SMALL)
+        return cache[name]
+
+    return get

@@ -13,7 +13,7 @@ from torch import nn
 
 from _utils import masked_reference, random_keep
 from conftest import SMALL
-from pruning import build_channel_graph, prune_model
+from pruning import prune_model
 from pruning.artifacts import load_pruned, save_pruned
 from pruning.cost import macs_cost
 from pruning.count import count_model
@@ -22,18 +22,6 @@ from pruning.search import search
 
 GROUPED = ["regnetx_002", "resnext26ts"]
 MODELS = [*GROUPED, "convnext_atto"]
-
-
-@pytest.fixture(scope="module")
-def graph_of(model_cache):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = build_channel_graph(model_cache(name), SMALL)
-        return cache[name]
-
-    return get
 
 
 def _images(n=2):

@@ -6,19 +6,7 @@ import torch
 
 from _utils import masked_reference, random_keep
 from conftest import MODELS, SMALL
-from pruning import build_channel_graph, prune_model
-
-
-@pytest.fixture(scope="module")
-def graph_of(model_cache):
-    cache = {}
-
-    def get(name):
-        if name not in cache:
-            cache[name] = build_channel_graph(model_cache(name), SMALL)
-        return cache[name]
-
-    return get
+from pruning import prune_model
 
 
 def _images(n=2, size=SMALL):
