@@ -351,7 +351,8 @@ class _Discovery:
             # kept whole, since the values are not sliced with them
             c = self.classes.new(max(value.shape))
             self.chan[node], self.vectors[node] = c, value.dim() - 1 - list(reversed(value.shape)).index(max(value.shape))
-            self.fixed[c] = f"scaled by parameter {node.target!r}, used directly in the forward pass"
+            self.fixed[c] = (f"scaled by parameter {node.target!r}, used directly in the forward pass (a layer rule for "
+                             "its module would prune them with it)")
             self.sources[c] = node.target
             return
         if isinstance(value, torch.Tensor) and value.dim() > 0:

@@ -15,7 +15,7 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from _utils import masked_reference, random_keep
-from pruning import UnsupportedLayerError, artifacts, build_channel_graph, create_model, prune_model
+from pruning import artifacts, build_channel_graph, create_model, prune_model
 from pruning.errors import UserInputError
 from pruning.loggers import NullLogger
 from pruning.pipeline import preflight, run_stages
@@ -216,8 +216,8 @@ def test_a_new_layer_rule_prunes_a_custom_layer_exactly(undo):
 
     torch.manual_seed(0)
     model = ScaleNet().eval()
-    with pytest.raises(UnsupportedLayerError):
-        build_channel_graph(model, 16, protected=[])  # unknown: refused, never pruned wrongly
+    unknown = build_channel_graph(model, 16, protected=[]).groups["stem"]  # kept whole, never pruned wrongly
+    assert not unknown.prunable and "'scale.weight'" in unknown.reason and "layer rule" in unknown.reason
 
     @register_rule(Scale)
     class ScaleRule(LayerRule):  # channelwise (the default): channel i of the output reads channel i
