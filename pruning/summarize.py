@@ -19,7 +19,7 @@ from typing import Sequence
 
 from .artifacts import REPORT, read_json
 from .plots import plot_against_macs
-from .sweep import OVERRIDES, differing, launched_jobs, run_overrides
+from .sweep import MULTIRUN, OVERRIDES, differing, launched_jobs, run_overrides
 
 COLUMNS = ["run", "model", "img_size", "budget", "target_macs", "macs_after", "achieved_over_target", "params_after",
            "method", "gap", "student_top1", "student_top5", "teacher_top1", "student_images_per_s",
@@ -66,13 +66,18 @@ def _run_dirs(root: str) -> list[str]:
 
 
 def _runs(root: str) -> list[tuple[str | None, list[str]]]:
-    """(run directory or None, overrides) of every run: the jobs the sweep in ``root`` launched, in job order
-    (None: its directory does not exist yet), then any other run directory found under ``root``."""
+    """(run directory or None, overrides) of every run under ``root``: the jobs of every sweep there (a folder
+    holding ``multirun.yaml``), in job order (None: the job's directory does not exist yet), then any other run
+    directory found."""
     dirs = {d: run_overrides(d) for d in _run_dirs(root)}
-    jobs = launched_jobs(root) or []
-    by_overrides = {tuple(o): d for d, o in dirs.items() if o is not None}
-    runs = [(by_overrides.get(tuple(job)), job) for job in jobs]
-    matched = {d for d, _ in runs}
+    runs, matched = [], set()
+    for sweep in sorted(os.path.dirname(p) for p in glob.glob(os.path.join(root, "**", MULTIRUN), recursive=True)):
+        sweep = os.path.normpath(sweep)
+        inside = [d for d, o in dirs.items() if o is not None and (os.path.dirname(d) + os.sep).startswith(sweep + os.sep)]
+        mine = {tuple(dirs[d]): d for d in inside}
+        for job in launched_jobs(sweep) or []:
+            runs.append((mine.get(tuple(job)), job))
+            matched.add(runs[-1][0])
     return runs + [(d, o or []) for d, o in dirs.items() if d not in matched]
 
 
@@ -80,7 +85,7 @@ def collect(root: str) -> list[dict]:
     """One row per run under ``root``: finished runs first, sorted by method and achieved MACs, then the runs
     that have not finished (``status`` says why; no metrics). ``run`` is the overrides that differ across the
     runs (the directory when they are the same)."""
-    runs = _runs(root)
+    runs = _runs(os.path.normpath(root))
     rows = []
     for (run_dir, _), label in zip(runs, differing([o for _, o in runs])):
         status = _status(run_dir)

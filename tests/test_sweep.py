@@ -90,3 +90,5 @@ def test_a_sweep_with_path_values_has_one_flat_directory_per_run_and_a_summary_t
     assert [r["status"] for r in rows] == ["running or failed: report.json lacks its final section (see run.log)",
                                            "not started: no run directory yet"]
     assert "not started" in (sweep / "summary.csv").read_text()
+    # a folder of sweeps: each sweep's unfinished runs are named too
+    assert [r["status"] for r in collect(str(tmp_path))] == [r["status"] for r in rows]
