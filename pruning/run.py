@@ -24,6 +24,7 @@ from .distributed import init_distributed, is_main
 from .errors import UserInputError
 from .loggers import LOGGERS, NullLogger
 from . import pipeline
+from .sweep import run_dirname  # noqa: F401  (registers the resolver that names a sweep's run directories)
 
 log = logging.getLogger("pruning")
 

@@ -6,7 +6,9 @@ the collective device and back, in place.
 """
 from __future__ import annotations
 
+import os
 import socket
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -57,3 +59,20 @@ def test_only_a_launched_process_joins_a_group(monkeypatch):
     assert D.init_distributed() is False and not D.is_distributed()
     monkeypatch.setenv("WORLD_SIZE", "1")  # a WORLD_SIZE without a rendezvous address is not a launcher's
     assert D.init_distributed() is False and D.describe()["backend"] is None
+
+
+def test_slurm_tasks_fill_torchruns_variables_with_a_port_of_their_job(monkeypatch):
+    """Under SLURM (submitit, one process per task) rank, world and rendezvous come from the job; two jobs on
+    one node rendezvous on different ports (MASTER_PORT, when set, wins)."""
+    submitit = pytest.importorskip("submitit")
+    task = SimpleNamespace(global_rank=1, num_tasks=2, local_rank=1, hostnames=["node7", "node8"])
+    monkeypatch.setattr(submitit, "JobEnvironment", lambda: task)
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", env | {"SLURM_NTASKS": "2", "SLURM_JOB_ID": "123456"})
+    D._from_slurm()
+    assert {k: os.environ[k] for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")} == {
+        "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "node7", "MASTER_PORT": "23456"}
+    os.environ["SLURM_JOB_ID"] = "123457"
+    assert D.slurm_master_port() == "23456"  # already set: kept
+    del os.environ["MASTER_PORT"]
+    assert D.slurm_master_port() == "23457"
