@@ -217,7 +217,7 @@ def _teacher_metrics(teacher, dataset, out_dir, teacher_key, batch_size, workers
     key_fields = _teacher_cache_key(teacher_key, dataset, batch_size, amp, device)
     key = short_hash(key_fields, algorithm="sha1")
     path = os.path.join(out_dir, TEACHER_CACHE)
-    cache = D.broadcast_object(_read_cache(path) if D.is_main() else None)  # every rank takes the same branch
+    cache = D.main_decides(lambda: _read_cache(path))  # every rank takes the same branch
     if key in cache:
         return cache[key]["metrics"], True
     cache[key] = {**key_fields, "metrics": evaluate(teacher, dataset, batch_size, workers, amp, device, progress)}

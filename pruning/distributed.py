@@ -110,6 +110,13 @@ def barrier() -> None:
 T = TypeVar("T")
 
 
+def main_decides(read: Callable[[], T]) -> T:
+    """``read()`` on rank 0, its result on every rank: what a shared cache holds must be one answer, or ranks
+    that saw it at different moments (a concurrent run writing it) would take different branches and wait
+    forever in different collectives."""
+    return broadcast_object(read() if is_main() else None)
+
+
 def main_first(build: Callable[[bool], T]) -> T:
     """``build(progress)`` on rank 0 first, then on the other ranks: rank 0 computes and caches a result (a
     latency table, thumbnails), the others read its cache instead of repeating the work. Only rank 0 shows

@@ -29,7 +29,7 @@ from .budget import (Budget, check_feasible, cost_constraint, latency_constraint
                      resolve_budget)
 from .cost import COSTS, CostModel, create_cost
 from .data import ImageListDataset, image_dataset, random_indices
-from .distributed import default_device, describe, is_main, main_first, world_size
+from .distributed import default_device, describe, is_main, main_decides, main_first, world_size
 from .errors import PipelineError
 from .graph import ChannelGraph, build_channel_graph
 from .importance import importance_from_config
@@ -118,7 +118,8 @@ def preflight(cfg: DictConfig, run_dir: str, logger: Any) -> RunContext:
     constraints = _constraints(cfg, budget, parent, graph, cost, removable)
     ctx = RunContext(cfg, run_dir, logger, stages, criterion, loss, train_cfg, parent, graph, cost, budget,
                      constraints, removable, weights=weights_fingerprint(parent))
-    ctx = replace(ctx, cached_scores=read_cached_scores(ctx))  # a corrupt cache is said here, recomputed later
+    # a corrupt cache is said here and recomputed later; rank 0 decides, so every rank takes the same stages
+    ctx = replace(ctx, cached_scores=main_decides(lambda: read_cached_scores(ctx)))
     if _needs_data(ctx):
         ctx = replace(ctx, data=_check_data(ctx))
     return _with_latency_budget(ctx)  # last: a latency budget measures its table (once, then cached)

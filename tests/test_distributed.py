@@ -76,3 +76,25 @@ def test_slurm_tasks_fill_torchruns_variables_with_a_port_of_their_job(monkeypat
     assert D.slurm_master_port() == "23456"  # already set: kept
     del os.environ["MASTER_PORT"]
     assert D.slurm_master_port() == "23457"
+
+
+def _decide(rank: int, port: int, out) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        out.put((rank, D.main_decides(lambda: f"cache seen by rank {D.rank()}")))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_rank_zero_decides_what_a_shared_cache_holds():
+    """A cache another run writes while this one starts may be seen by one rank and not by the other; each rank
+    must still take the same branch (a rank that skipped a stage would wait forever in another collective)."""
+    ctx = torch.multiprocessing.get_context("spawn")
+    out, port = ctx.SimpleQueue(), _free_port()
+    procs = [ctx.Process(target=_decide, args=(rank, port, out)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert all(p.exitcode == 0 for p in procs)
+    assert sorted(out.get() for _ in procs) == [(0, "cache seen by rank 0"), (1, "cache seen by rank 0")]
