@@ -14,8 +14,10 @@ daemons the test started are stopped by their process ids.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -149,11 +151,15 @@ class Cluster:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Cancel what is still queued, then stop every daemon this test started, by its pid."""
+        """Cancel what is still queued, then stop every daemon this test started, by its pid, and any job process
+        the cancel left behind (with ``proctrack/linuxproc``, a step outlives a stopped slurmd)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             jobs = [line.split()[0] for line in self.squeue() if line and not line.startswith("squeue")]
             if jobs:
                 subprocess.run(["scancel", *jobs], env=self.env, capture_output=True, timeout=30)
+                end = time.time() + 20
+                while self.squeue() and time.time() < end:
+                    time.sleep(0.5)
         for name in ("slurmd", "slurmctld", "munged"):
             proc = self.procs.get(name)
             if proc is None or proc.poll() is not None:
@@ -164,6 +170,19 @@ class Cluster:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
+        for pid in self._job_processes():
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+    def _job_processes(self) -> list[int]:
+        """Processes started under this cluster (their environment names its slurm.conf), this one excepted."""
+        marker, pids = f"SLURM_CONF={self.env['SLURM_CONF']}\0".encode(), []
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and int(entry.name) != os.getpid():
+                with contextlib.suppress(OSError):
+                    if marker in (entry / "environ").read_bytes():
+                        pids.append(int(entry.name))
+        return pids
 
 
 @pytest.fixture(scope="module")
