@@ -266,7 +266,7 @@ class _Discovery:
         self.fixed: dict[int, str] = {}
         self.seen_modules: set[str] = set()
         self.unary = _UNARY | _timm_unary()
-        self.vectors: dict[fx.Node, int] = {}  # per-channel parameter tensors -> the axis holding the channels
+        self.vectors: set[fx.Node] = set()  # per-channel parameters used directly
         self.sources: dict[int, str] = {}  # classes born outside a layer (parameters, opaque ops) -> their name
 
     def run(self) -> None:
@@ -350,7 +350,8 @@ class _Discovery:
             # per-channel values used directly (ConvNeXt's layer scale ``gamma``): the channels they scale are
             # kept whole, since the values are not sliced with them
             c = self.classes.new(max(value.shape))
-            self.chan[node], self.vectors[node] = c, value.dim() - 1 - list(reversed(value.shape)).index(max(value.shape))
+            self.chan[node] = c
+            self.vectors.add(node)
             self.fixed[c] = (f"scaled by parameter {node.target!r}, used directly in the forward pass (a layer rule for "
                              "its module would prune them with it)")
             self.sources[c] = node.target
