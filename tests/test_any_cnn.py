@@ -13,7 +13,7 @@ from torch import nn
 
 from _utils import masked_reference, random_keep
 from conftest import SMALL
-from pruning import prune_model
+from pruning import build_channel_graph, prune_model
 from pruning.artifacts import load_pruned, save_pruned
 from pruning.cost import macs_cost
 from pruning.count import count_model
@@ -84,3 +84,18 @@ def test_channel_norms_and_layer_scale_keep_the_stream_whole(graph_of):
     assert {g.name.rsplit(".", 1)[-1] for g in graph.prunable_groups()} == {"fc1"}
     reasons = " ".join(g.reason for g in graph.groups.values() if not g.prunable)
     assert "gamma" in reasons or "normalises over these channels" in reasons
+
+
+def test_latency_tables_time_grouped_convs_at_equal_counts(model_cache):
+    """The profiler samples a grouped conv's groups at multiples of its groups, so every timed layer is a valid
+    grouped conv, and the table prices any allowed widths."""
+    from pruning.latency import profile_latency
+
+    model = model_cache("regnetx_002")
+    graph = build_channel_graph(model, 32)
+    table = profile_latency(model, graph, batch=1, threads=1, progress=False, repeats=1, passes=1, rounds=1,
+                            calibration=(0.5,), align=1)
+    blocked = [g for g in graph.prunable_groups() if g.blocks > 1]
+    assert blocked and all(w % g.blocks == 0 for g in blocked for w in table.grids[g.name])
+    half = {g.name: g.width // 2 - (g.width // 2) % g.blocks for g in graph.prunable_groups()}
+    assert 0 < table.cost(graph)(half) < table.cost(graph)(None)

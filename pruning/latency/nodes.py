@@ -75,14 +75,13 @@ def _pruned_module(module: nn.Module, out_w: int | None, in_w: int | None) -> nn
     blocks = rule.blocks(m)  # a grouped conv keeps the same number of channels in each group
 
     def first(w: int, full: int) -> torch.Tensor:
-        return torch.tensor(first_channels(full, w, blocks), dtype=torch.long)
+        return torch.tensor(first_channels(full, w, blocks), dtype=torch.long) if blocks > 1 else torch.arange(w)
 
     if rule.channel_map(m) is ChannelMap.MIX:
-        full_out, full_in = m.weight.shape[0], m.weight.shape[1] * blocks
         if out_w is not None:
-            rule.prune_out(m, first(out_w, full_out))
+            rule.prune_out(m, first(out_w, m.out_channels if blocks > 1 else out_w))
         if in_w is not None:
-            rule.prune_in(m, first(in_w, full_in))
+            rule.prune_in(m, first(in_w, m.in_channels if blocks > 1 else in_w))
     elif out_w is not None and any(True for _ in m.parameters()):
         rule.prune_out(m, torch.arange(out_w))
     return m

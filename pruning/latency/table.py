@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -29,9 +30,15 @@ def align_width(width: float, full: int, align: int = 1) -> int:
 def make_grids(graph: ChannelGraph, fractions: Sequence[float] = DEFAULT_GRID,
                align: int = 1) -> dict[str, tuple[int, ...]]:
     """Sampled widths per prunable group: ``f * width`` for each fraction, aligned (see :func:`align_width`),
-    distinct, the full width last."""
-    return {g.name: tuple(sorted({align_width(f * g.width, g.width, align) for f in fractions} | {g.width}))
+    distinct, the full width last; a grouped conv's groups (``blocks``) keep equal counts, so multiples of it."""
+    return {g.name: tuple(sorted({_block_width(align_width(f * g.width, g.width, math.lcm(align, g.blocks)), g.blocks)
+                                  for f in fractions} | {g.width}))
             for g in graph.prunable_groups()}
+
+
+def _block_width(width: int, blocks: int) -> int:
+    """``width`` as the nearest multiple of ``blocks`` (at least ``blocks``)."""
+    return max(blocks, blocks * round(width / blocks))
 
 
 # ------------------------------------------------------------------------------------------------ the table
