@@ -1,5 +1,5 @@
-"""timm CNNs beyond EfficientNet: grouped convolutions (RegNet, ResNeXt) and channel norms with layer scale
-(ConvNeXt) are pruned exactly.
+"""timm CNNs beyond EfficientNet: grouped convolutions (RegNet, ResNeXt), channel norms with layer scale
+(ConvNeXt) and channel concatenation (DenseNet, GhostNet) are pruned exactly.
 
 Each model, at a small resolution, with random weights and random norm statistics: a random pruning equals the
 masked original; a searched 0.6 MACs budget is met within 0.995-1.0; the pruned model reloads from its
@@ -18,10 +18,12 @@ from pruning.artifacts import load_pruned, save_pruned
 from pruning.cost import macs_cost
 from pruning.count import count_model
 from pruning.importance import create_importance
+from pruning.layers import is_grouped
 from pruning.search import search
 
 GROUPED = ["regnetx_002", "resnext26ts"]
-MODELS = [*GROUPED, "convnext_atto"]
+CONCAT = ["densenet121", "ghostnet_100"]  # channel concatenation (issue 16)
+MODELS = [*GROUPED, "convnext_atto", *CONCAT]
 
 
 def _images(n=2):
@@ -33,7 +35,8 @@ def _close(got: torch.Tensor, expected: torch.Tensor) -> bool:
 
 
 def _groups(model: nn.Module) -> dict[str, int]:
-    return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and m.groups > 1}
+    """Groups of every grouped (not depthwise) conv: a depthwise conv's groups are its channels."""
+    return {n: m.groups for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and is_grouped(m)}
 
 
 @pytest.mark.parametrize("name", MODELS)
