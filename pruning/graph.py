@@ -9,6 +9,10 @@ sliced when the group shrinks:
 * ``in``: a channel-mixing layer that consumes them,
 * ``channel``: a channelwise layer with per-channel parameters (batch norm, depthwise conv).
 
+A concatenation along the channel dim (``torch.cat``: DenseNet, GhostNet) holds several groups side by side; a
+layer on it is a member of each, with the group's ``offset`` inside the layer, and its cost is one term per pair
+of groups.
+
 Every layer's MACs are ``coefficient * out_width * in_width`` (``* width`` for channelwise layers), so the
 model's MACs are an exact function of the group widths; :mod:`pruning.cost` evaluates it.
 """

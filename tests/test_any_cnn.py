@@ -18,7 +18,7 @@ from pruning.artifacts import load_pruned, save_pruned
 from pruning.cost import macs_cost
 from pruning.count import count_model
 from pruning.importance import create_importance
-from pruning.layers import is_grouped
+from pruning.layers import UnsupportedLayerError, is_grouped
 from pruning.search import search
 
 GROUPED = ["regnetx_002", "resnext26ts"]
@@ -87,3 +87,14 @@ def test_channel_norms_and_layer_scale_keep_the_stream_whole(graph_of):
     assert {g.name.rsplit(".", 1)[-1] for g in graph.prunable_groups()} == {"fc1"}
     reasons = " ".join(g.reason for g in graph.groups.values() if not g.prunable)
     assert "gamma" in reasons or "normalises over these channels" in reasons
+
+
+@pytest.mark.parametrize("name", CONCAT)
+def test_concatenated_channels_are_refused_by_latency_tables(model_cache, graph_of, name):
+    """A node reading concatenated channels depends on more than two groups: the profiler refuses before any work."""
+    from pruning.latency import profile_latency
+
+    graph = graph_of(name)
+    assert any(u.segmented for u in graph.nodes)
+    with pytest.raises(UnsupportedLayerError, match="concatenated channels"):
+        profile_latency(model_cache(name), graph, align=8, progress=False)
