@@ -16,6 +16,7 @@ Which block types can be removed is a registry, in the style of :mod:`pruning.la
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -155,7 +156,8 @@ def removable_blocks(model: nn.Module, graph: ChannelGraph) -> list[ResidualBloc
         graph: its channel graph.
     """
     order = {u.module: i for i, u in enumerate(graph.layers)}  # execution order of the layers
-    uses = {u.module: u for u in graph.layers}
+    counts = Counter(u.module for u in graph.layers)
+    uses = {u.module: u for u in graph.layers if counts[u.module] == 1}  # not layers on concatenated channels
     found: list[tuple[int, ResidualBlock]] = []
     for name, module in model.named_modules():
         rule = find_block_rule(module)

@@ -9,6 +9,10 @@ sliced when the group shrinks:
 * ``in``: a channel-mixing layer that consumes them,
 * ``channel``: a channelwise layer with per-channel parameters (batch norm, depthwise conv).
 
+A concatenation along the channel dim (``torch.cat``: DenseNet, GhostNet) holds several groups side by side; a
+layer on it is a member of each, with the group's ``offset`` inside the layer, and its cost is one term per pair
+of groups.
+
 Every layer's MACs are ``coefficient * out_width * in_width`` (``* width`` for channelwise layers), so the
 model's MACs are an exact function of the group widths; :mod:`pruning.cost` evaluates it.
 """
@@ -17,7 +21,7 @@ from __future__ import annotations
 import fnmatch
 import math
 import operator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Sequence
 
 import torch
@@ -33,10 +37,15 @@ INPUT_GROUP = "input"
 
 @dataclass(frozen=True)
 class Member:
-    """One layer slice of a group: ``role`` is ``out``, ``in`` or ``channel`` (see module docstring)."""
+    """One layer slice of a group: ``role`` is ``out``, ``in`` or ``channel`` (see module docstring).
+
+    ``offset`` is where the group's channels start inside that side of the layer (non-zero when the layer reads
+    or writes a concatenation of several groups: DenseNet's convs reading the concatenated features).
+    """
 
     module: str
     role: str
+    offset: int = 0
 
 
 @dataclass
@@ -86,6 +95,8 @@ class NodeUse:
         input_shapes: the unpruned shape of each tensor input (batch 1).
         output_shape: the unpruned output shape (batch 1).
         inputs: the fx names of the tensor inputs, in argument order.
+        segmented: True when a tensor of the node holds several groups side by side (a concatenation); its
+            ``in_groups`` then list every segment's group, flattened (so they no longer match ``inputs``).
     """
 
     name: str
@@ -97,6 +108,7 @@ class NodeUse:
     input_shapes: tuple[tuple[int, ...], ...]
     output_shape: tuple[int, ...]
     inputs: tuple[str, ...] = ()
+    segmented: bool = False
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -159,12 +171,19 @@ def trace(model: nn.Module) -> fx.GraphModule:
 
 class _Classes:
     """Union-find over channel spaces. Each class has a width and a number of equal blocks (grouped convs);
-    unions require equal widths and take the finer blocks."""
+    unions require equal widths and take the finer blocks.
+
+    A class may be *segmented*: its channels are, in order, those of other classes (its ``parts``), as for a
+    concatenation, or for a class tied to one. :meth:`leaves` gives the unsegmented classes a class is made of;
+    channel groups are the leaves. Tying two classes ties their leaves one by one, first splitting leaves so
+    that both sides have the same segment boundaries (an SE gate or a shortcut conv added to a concatenation).
+    """
 
     def __init__(self) -> None:
         self.parent: list[int] = []
         self.width: list[int] = []
         self.blocks: list[int] = []
+        self.parts: dict[int, list[int]] = {}  # segmented root -> its parts, in channel order
 
     def new(self, width: int) -> int:
         self.parent.append(len(self.parent))
@@ -172,8 +191,36 @@ class _Classes:
         self.blocks.append(1)
         return len(self.parent) - 1
 
+    def concat(self, parts: Sequence[int]) -> int:
+        """A new class made of ``parts``' channels, in order."""
+        c = self.new(sum(self.width[self.find(p)] for p in parts))
+        self.parts[c] = list(parts)
+        return c
+
+    def leaves(self, c: int) -> list[int]:
+        """The unsegmented root classes ``c`` is made of, in channel order (``[root of c]`` when unsegmented)."""
+        r = self.find(c)
+        if r not in self.parts:
+            return [r]
+        return [leaf for p in self.parts[r] for leaf in self.leaves(p)]
+
+    def segments(self, c: int) -> list[tuple[int, int]]:
+        """``(leaf, offset)`` for each leaf of ``c``."""
+        out, offset = [], 0
+        for leaf in self.leaves(c):
+            out.append((leaf, offset))
+            offset += self.width[leaf]
+        return out
+
+    def _split(self, leaf: int, widths: Sequence[int], where: str) -> None:
+        if self.blocks[leaf] > 1:
+            raise UnsupportedLayerError(f"{where}: splits channels that feed a grouped conv; not supported")
+        self.parts[leaf] = [self.new(w) for w in widths]
+
     def split_into(self, c: int, blocks: int, where: str) -> None:
         """Require class ``c`` to keep the same number of channels in each of ``blocks`` equal blocks."""
+        if blocks > 1 and len(self.leaves(c)) > 1:
+            raise UnsupportedLayerError(f"{where}: a grouped conv on concatenated channels is not supported")
         r = self.find(c)
         self.blocks[r] = math.lcm(self.blocks[r], blocks)
         if self.width[r] % self.blocks[r]:
@@ -190,6 +237,16 @@ class _Classes:
         ra, rb = self.find(a), self.find(b)
         if self.width[ra] != self.width[rb]:
             raise UnsupportedLayerError(f"{where}: ties channel spaces of widths {self.width[ra]} and {self.width[rb]}")
+        if ra in self.parts or rb in self.parts:  # tie segment by segment, on common boundaries
+            cuts = {o for c in (ra, rb) for _, o in self.segments(c)} | {self.width[ra]}
+            for c in (ra, rb):
+                for leaf, offset in self.segments(c):
+                    inner = sorted(x - offset for x in cuts if offset < x <= offset + self.width[leaf])
+                    if len(inner) > 1:
+                        self._split(leaf, [hi - lo for lo, hi in zip([0, *inner], inner)], where)
+            for x, y in zip(self.leaves(ra), self.leaves(rb)):
+                self.union(x, y, where)
+            return ra
         self.parent[max(ra, rb)] = min(ra, rb)  # the earlier class stays root: names follow execution order
         self.split_into(min(ra, rb), self.blocks[max(ra, rb)], where)
         return min(ra, rb)
@@ -418,6 +475,10 @@ class _Discovery:
         if target in (_REDUCE_METHODS if is_method else _REDUCE):
             self._check_reduce_dims(node, where)
             return self._passthrough(node, tensor_inputs, where)
+        if target is torch.cat and not is_method:
+            return self._concat(node, where)
+        if target is operator.getitem and not is_method:
+            return self._slice(node, tensor_inputs, where)
         if target in (_RESHAPE_METHODS if is_method else _RESHAPE):
             if tensor_inputs[0] in self.vectors:
                 return self._vector_to_channels(node, tensor_inputs[0], where)
@@ -426,9 +487,33 @@ class _Discovery:
         raise UnsupportedLayerError(
             f"{where} is not known to the channel-group discovery, so pruning through it could silently "
             "break the model. Supported: elementwise activations, add/mul/sub/div with channel broadcasting, "
-            "spatial pooling and means, flatten of spatial dims, and layers with a registered rule. To keep its "
+            "spatial pooling and means, flatten of spatial dims, concatenation along the channel dim, slices that "
+            "keep every channel, and layers with a registered rule. To keep its "
             "channels whole instead, protect the module it runs in (model.protected=[..., 'that.module'])."
         )
+
+    def _concat(self, node: fx.Node, where: str) -> None:
+        """``torch.cat`` along the channel dim: the output's channels are the inputs' segments, in order."""
+        tensors = node.args[0] if node.args else node.kwargs.get("tensors")
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+        rank = len(_shape(node))
+        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) and t in self.chan for t in tensors):
+            raise UnsupportedLayerError(f"{where} concatenates tensors whose channels are unknown")
+        if rank < 2 or not isinstance(dim, int) or dim % rank != 1:
+            raise UnsupportedLayerError(f"{where} concatenates along dim {dim}, not the channel dim; not supported")
+        self.chan[node] = self.classes.concat([self.chan[t] for t in tensors])
+
+    def _slice(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
+        """``x[...]`` with slices that keep every channel (and the batch): channels pass through unchanged.
+        Any other channel slice (GhostNet's ``out[:, :self.out_chs]`` when it drops channels) is refused."""
+        src, index = node.args[0], node.args[1]
+        index = index if isinstance(index, tuple) else (index,)
+        whole = all(i is Ellipsis or (isinstance(i, slice) and i.step in (None, 1)) for i in index)
+        a, b = _shape(src), _shape(node)
+        if not (whole and src in self.chan and len(inputs) == 1 and len(a) == len(b) >= 2 and a[:2] == b[:2]):
+            raise UnsupportedLayerError(f"{where} indexes {a} to {b}; only slices keeping every channel are supported "
+                                        "(a slice of the channels is not)")
+        self.chan[node] = self.chan[src]
 
     def _vector_to_channels(self, node: fx.Node, src: fx.Node, where: str) -> None:
         """A per-channel parameter reshaped to broadcast over the channel dim (``gamma.reshape(1, -1, 1, 1)``)."""
@@ -502,56 +587,78 @@ def is_protected(module_name: str, patterns: Iterable[str]) -> str | None:
 
 
 def _class_names(d: _Discovery) -> dict[int, str]:
-    """Root channel class -> group name (the first layer producing it, or ``input``)."""
-    find = d.classes.find
+    """Leaf channel class -> group name: the first layer producing it (``LAYER@OFFSET`` for a later segment of
+    its output), the parameter or opaque op it comes from, or ``input``."""
     names: dict[int, str] = {}
+    used: set[str] = set()
+
+    def name(c: int, base: str) -> None:
+        for leaf, offset in d.classes.segments(c):
+            if leaf not in names:
+                n = base if offset == 0 and base not in used else f"{base}@{offset}"
+                n0, k = n, 1
+                while n in used:
+                    n, k = f"{n0}#{k}", k + 1
+                names[leaf] = n
+                used.add(n)
+
     for module, cmap, out_c, _in_c, _ in d.layers:
         if cmap is ChannelMap.MIX:
-            names.setdefault(find(out_c), module)
+            name(out_c, module)
     for c, param in d.sources.items():
-        names.setdefault(find(c), param)
+        name(c, param)
     for c in d.fixed:
-        names.setdefault(find(c), INPUT_GROUP)
+        name(c, INPUT_GROUP)
     return names
 
 
 def _node_uses(d: _Discovery) -> list[NodeUse]:
     """Every node that does work, with the groups of its output and tensor inputs."""
-    names, find = _class_names(d), d.classes.find
+    names, leaves = _class_names(d), d.classes.leaves
     uses = []
     for node in d.gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or node not in d.chan:
             continue
         inputs = [a for a in _flatten_nodes(node.args) + _flatten_nodes(node.kwargs) if a in d.chan]
         target = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", str(node.target))
+        out_leaves, in_leaves = leaves(d.chan[node]), [leaves(d.chan[a]) for a in inputs]
         uses.append(NodeUse(
             name=node.name, op=node.op, target=target, module_scope=_scope(node),
-            out_group=names[find(d.chan[node])], in_groups=tuple(names[find(d.chan[a])] for a in inputs),
+            out_group=names[out_leaves[0]], in_groups=tuple(names[c] for ls in in_leaves for c in ls),
             input_shapes=tuple(_shape(a) for a in inputs), output_shape=_shape(node),
             inputs=tuple(a.name for a in inputs),
+            segmented=len(out_leaves) > 1 or any(len(ls) > 1 for ls in in_leaves),
         ))
     return uses
 
 
 def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, ChannelGroup], list[LayerUse]]:
-    find = d.classes.find
+    """Groups (one per leaf class) and layer uses: a layer on concatenated channels is one member per segment,
+    with the segment's offset, and one cost term per pair of segments (their sum is the layer's exact cost)."""
+    segments = d.classes.segments
     names = _class_names(d)
     groups: dict[str, ChannelGroup] = {}
-    for root in sorted(names):  # roots are the earliest class: execution order
-        groups[names[root]] = ChannelGroup(name=names[root], width=d.classes.width[root], blocks=d.classes.blocks[root])
+    for leaf in sorted(names):  # leaves are created in execution order
+        groups[names[leaf]] = ChannelGroup(name=names[leaf], width=d.classes.width[leaf], blocks=d.classes.blocks[leaf])
     layers = []
     for module, cmap, out_c, in_c, cost in d.layers:
-        out_g = names[find(out_c)]
-        in_g = names[find(in_c)] if in_c is not None else None
-        layers.append(LayerUse(module, cmap, out_g, in_g, cost))
         if cmap is ChannelMap.MIX:
-            groups[out_g].members.append(Member(module, "out"))
-            groups[in_g].members.append(Member(module, "in"))
+            ins = segments(in_c)
+            for out, out_offset in segments(out_c):
+                groups[names[out]].members.append(Member(module, "out", out_offset))
+                for k, (inp, _) in enumerate(ins):  # per-output parameters (a bias) counted once
+                    layers.append(LayerUse(module, cmap, names[out], names[inp], cost if k == 0 else
+                                           replace(cost, params_per_out=0)))
+            for inp, in_offset in ins:
+                groups[names[inp]].members.append(Member(module, "in", in_offset))
         else:
-            groups[out_g].members.append(Member(module, "channel"))
+            for leaf, offset in segments(out_c):
+                layers.append(LayerUse(module, cmap, names[leaf], None, cost))
+                groups[names[leaf]].members.append(Member(module, "channel", offset))
     for c, reason in d.fixed.items():
-        g = groups[names[find(c)]]
-        g.prunable, g.reason = False, reason
+        for leaf in d.classes.leaves(c):
+            g = groups[names[leaf]]
+            g.prunable, g.reason = False, reason
     for g in groups.values():
         _apply_protection(g, patterns)
     return groups, layers

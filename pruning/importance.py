@@ -56,22 +56,29 @@ def importance_from_config(cfg: Mapping[str, Any]) -> "Importance":
     return IMPORTANCES.from_config(cfg, exclude=("batch_size",) if needs_data else ("batch_size", "num_images"))
 
 
-def scored_layers(graph: ChannelGraph, model: nn.Module) -> list[tuple[str, str]]:
-    """``(group, module)`` for every layer that produces a prunable group's channels and has a filter bank."""
+def scored_layers(graph: ChannelGraph, model: nn.Module) -> list[tuple[str, str, int]]:
+    """``(group, module, offset)`` for every layer that produces a prunable group's channels and has a filter
+    bank; ``offset`` is where the group's channels start among the layer's outputs (see :func:`group_slice`)."""
     modules = dict(model.named_modules())
     pairs = []
     for group in graph.prunable_groups():
         for m in group.members:
             weight = getattr(modules[m.module], "weight", None)
             if m.role in ("out", "channel") and isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-                pairs.append((group.name, m.module))
+                pairs.append((group.name, m.module, m.offset))
     return pairs
+
+
+def group_slice(per_channel: torch.Tensor, offset: int, width: int) -> torch.Tensor:
+    """The values of one group's channels among a layer's per-channel values (first dim): a layer on
+    concatenated channels holds several groups, the group's starting at ``offset``."""
+    return per_channel[offset:offset + width]
 
 
 def _sum_per_group(graph: ChannelGraph, pairs, per_layer: Callable[[str], torch.Tensor]) -> Scores:
     scores = {g.name: torch.zeros(g.width, dtype=torch.float64) for g in graph.prunable_groups()}
-    for group, module in pairs:
-        scores[group] += per_layer(module).detach().double().cpu()
+    for group, module, offset in pairs:
+        scores[group] += group_slice(per_layer(module), offset, len(scores[group])).detach().double().cpu()
     return scores
 
 
@@ -107,11 +114,12 @@ class BNScaleImportance(Importance):
         modules = dict(model.named_modules())
         scores, without_bn, gammas = {}, [], []
         for group in graph.prunable_groups():
-            bns = [modules[m.module] for m in group.members if isinstance(modules[m.module], nn.modules.batchnorm._BatchNorm)]
+            bns = [m for m in group.members if isinstance(modules[m.module], nn.modules.batchnorm._BatchNorm)]
             if not bns:
                 without_bn.append(group)
                 continue
-            scores[group.name] = sum(bn.weight.detach().abs().double() for bn in bns)
+            scores[group.name] = sum(group_slice(modules[m.module].weight.detach().abs().double(), m.offset, group.width)
+                                     for m in bns)
             gammas.append(scores[group.name])
         neutral = torch.cat(gammas).mean() if gammas else torch.tensor(1.0, dtype=torch.float64)
         scores.update({g.name: torch.full((g.width,), float(neutral), dtype=torch.float64) for g in without_bn})
@@ -174,8 +182,8 @@ class TaylorWeightImportance(_DataImportance):
     def _estimate(self, model, graph, batches) -> Scores:
         pairs = scored_layers(graph, model)
         modules = dict(model.named_modules())
-        weights = [modules[n].weight for n in dict.fromkeys(n for _, n in pairs)]
-        names = list(dict.fromkeys(n for _, n in pairs))
+        names = list(dict.fromkeys(n for _, n, _ in pairs))
+        weights = [modules[n].weight for n in names]
         grads = [torch.zeros_like(w, dtype=torch.float32) for w in weights]
         count = torch.zeros((), dtype=torch.float64)
         for images, labels in batches:
@@ -196,7 +204,7 @@ class TaylorActivationImportance(_DataImportance):
     def _estimate(self, model, graph, batches) -> Scores:
         pairs = scored_layers(graph, model)
         modules = dict(model.named_modules())
-        names = list(dict.fromkeys(n for _, n in pairs))
+        names = list(dict.fromkeys(n for _, n, _ in pairs))
         sums = {n: torch.zeros(modules[n].weight.shape[0], dtype=torch.float64) for n in names}
         outputs: dict[str, torch.Tensor] = {}
         handles = [modules[n].register_forward_hook(self._capture(outputs, n)) for n in names]

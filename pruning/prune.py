@@ -64,15 +64,30 @@ def prune_model(model: nn.Module, graph: ChannelGraph, keep: Mapping[str, Sequen
     keep_idx = _check_keep(graph, {name: idx for name, idx in keep.items() if name not in emptied})
     pruned = copy.deepcopy(model)
     modules = dict(pruned.named_modules())
-    for name, idx in keep_idx.items():
-        for member in graph.groups[name].members:
-            module = modules[member.module]
-            rule = find_rule(module)
-            (rule.prune_in if member.role == "in" else rule.prune_out)(module, idx)
+    for (module_name, side), idx in _kept_per_layer_side(graph, keep_idx).items():
+        module = modules[module_name]
+        rule = find_rule(module)
+        (rule.prune_in if side == "in" else rule.prune_out)(module, idx)
     # after slicing: a removed block's constant comes from its last BN, already cut to the kept stream channels
     remove_blocks(pruned, removed)
     _sync_timm_attributes(pruned)
     return pruned
+
+
+def _kept_per_layer_side(graph: ChannelGraph, keep_idx: Mapping[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """``(module, "in" | "out") -> kept channel indices`` for every layer side holding a pruned group.
+
+    A side holding several groups (a conv reading concatenated features) keeps, segment by segment in channel
+    order, the pruned groups' kept indices and the other groups' every channel, each shifted by its offset; it
+    is sliced once. Sides holding no pruned group are left untouched.
+    """
+    segments: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
+    for group in graph.groups.values():
+        for m in group.members:
+            idx = keep_idx.get(group.name, torch.arange(group.width))
+            segments.setdefault((m.module, "in" if m.role == "in" else "out"), {})[m.offset] = idx + m.offset
+    pruned = {(m.module, "in" if m.role == "in" else "out") for g in keep_idx for m in graph.groups[g].members}
+    return {side: torch.cat([segs[o] for o in sorted(segs)]) for side, segs in segments.items() if side in pruned}
 
 
 def prune_to_widths(model: nn.Module, graph: ChannelGraph, widths: Mapping[str, int]) -> nn.Module:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.resources
 import os
 import re
+from collections import Counter
 from typing import Mapping
 
 from torch import nn
@@ -147,9 +148,12 @@ def widths_from_spec(graph: ChannelGraph, spec: str) -> dict[str, int]:
             changed width), naming the group and layers.
     """
     shapes = parse_spec(spec)
+    # a layer side holding several groups (concatenated channels) gives only their sum: not used
+    sides = Counter((m.module, m.role == "in") for g in graph.groups.values() for m in g.members)
     widths = {}
     for name, group in graph.groups.items():
-        found = {m.module + (":in" if m.role == "in" else ""): _member_width(shapes, m.module, m.role) for m in group.members}
+        found = {m.module + (":in" if m.role == "in" else ""): _member_width(shapes, m.module, m.role)
+                 for m in group.members if sides[m.module, m.role == "in"] == 1}
         values = set(found.values())
         if len(values) > 1:
             raise ValueError(f"spec gives group {name!r} inconsistent widths across its layers: {found}")

@@ -29,7 +29,7 @@ def masked_reference(model: nn.Module, graph: ChannelGraph, keep: dict[str, list
         removed = sorted(set(range(graph.groups[name].width)) - set(idx))
         for m in graph.groups[name].members:
             if m.role == "in":
-                _zero_inputs(modules[m.module], removed)
+                _zero_inputs(modules[m.module], [m.offset + r for r in removed])
     return ref
 
 

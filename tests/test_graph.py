@@ -126,12 +126,44 @@ def test_cost_model_rejects_unknown_group(graphs, model_cache):
 
 
 class _Concat(nn.Module):
+    """Two convs concatenated, a norm on the concatenation, a conv added to it (split to match its segments)."""
+
     def __init__(self):
         super().__init__()
-        self.a, self.b, self.head = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(8, 2, 1)
+        self.a, self.b, self.c = nn.Conv2d(3, 4, 1), nn.Conv2d(3, 4, 1), nn.Conv2d(3, 8, 1)
+        self.bn, self.head = nn.BatchNorm2d(8), nn.Conv2d(8, 2, 1)
 
     def forward(self, x):
-        return self.head(torch.cat([self.a(x), self.b(x)], 1))
+        y = torch.cat([self.a(x), self.b(x)], 1)
+        return self.head(F.relu(self.bn(y)) + self.c(x)[:, :, ...])
+
+
+def test_a_concatenation_is_pruned_exactly_segment_by_segment():
+    model = randomize_norms_and_biases(_Concat(), img_size=16).eval()
+    graph = build_channel_graph(model, 16, protected=[])
+    assert {g.name: g.width for g in graph.prunable_groups()} == {"a": 4, "b": 4}
+    members = {name: {(m.module, m.role, m.offset) for m in graph.groups[name].members} for name in ("a", "b")}
+    assert members["a"] == {("a", "out", 0), ("c", "out", 0), ("bn", "channel", 0), ("head", "in", 0)}
+    assert members["b"] == {("b", "out", 0), ("c", "out", 4), ("bn", "channel", 4), ("head", "in", 4)}
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    for keep in (random_keep(graph, seed=1), {"b": [1, 3]}):
+        pruned = prune_model(model, graph, keep).eval()
+        with torch.no_grad():
+            assert torch.allclose(pruned(x), masked_reference(model, graph, keep).eval()(x), atol=1e-5)
+        widths = {g: len(idx) for g, idx in keep.items()}
+        assert CostModel(graph).macs(widths) == count_model(pruned, 16).macs
+        assert CostModel(graph, model).params(widths) == sum(p.numel() for p in pruned.parameters())
+    assert torch.equal(pruned.a.weight, model.a.weight)  # a layer whose segments are all kept is untouched
+    assert pruned.c.weight.shape[0] == pruned.bn.num_features == pruned.head.weight.shape[1] == 6
+
+
+class _PartialSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.head = nn.Conv2d(3, 8, 1), nn.Conv2d(2, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.a(x)[:, :2])
 
 
 class _Grouped(nn.Module):
@@ -150,15 +182,22 @@ def test_a_grouped_conv_splits_both_sides_into_equal_blocks():
     assert graph.groups["grouped"].blocks == 2  # its output (the model's output: not prunable)
 
 
+class _Flip(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return torch.flip(torch.cat([self.a(x), self.b(x)], 1), [1])  # reverses the channels: not modelled
+
+
 class _ProtectedConcat(nn.Module):
-    """A dense conv feeding a concatenation inside ``fuse``, then a head: only ``fuse`` is out of reach."""
+    """Dense convs feeding an unknown operation inside ``fuse``, then a head: only ``fuse`` is out of reach."""
 
     def __init__(self):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU())
-        self.fuse = _Concat()
-        self.fuse.a, self.fuse.b = nn.Conv2d(8, 4, 1), nn.Conv2d(8, 4, 1)
-        self.fuse.head = nn.Identity()
+        self.fuse = _Flip()
         self.head = nn.Sequential(nn.Conv2d(8, 6, 1), nn.BatchNorm2d(6), nn.ReLU(), nn.Conv2d(6, 2, 1))
 
     def forward(self, x):
@@ -198,7 +237,7 @@ class _ChannelMean(nn.Module):
 
 
 @pytest.mark.parametrize("model,needle", [
-    (_Concat(), "'cat'"),
+    (_PartialSlice(), "only slices keeping every channel"),
     (_NoRule(), "'norm' of type GroupNorm"),
     (_ChannelMean(), "reduces over the batch or channel dim"),
 ])
@@ -361,6 +400,8 @@ _PRUNES = {  # every op the discovery models, each in a small model: pruning mus
     "pool_modules": lambda m, x, y: m.amax_pool(m.max_pool(y)),
     "clone_contiguous": lambda m, x, y: m.c(y.clone()).contiguous(),
     "tuple_module_traced_through": lambda m, x, y: (lambda p: p[0] * m.c(p[1]))(m.twice(y)),
+    "cat": lambda m, x, y: torch.cat([y, m.b(x)], 1),
+    "cat_neg_dim_full_slice": lambda m, x, y: torch.cat([m.bn(y), m.c(y)], dim=-3)[:, :16],
 }
 _HEADS = {  # pooled heads: mean, pool + flatten/view/reshape into a linear layer
     "mean_linear": lambda m, y: y.mean((2, 3)),
@@ -370,13 +411,15 @@ _HEADS = {  # pooled heads: mean, pool + flatten/view/reshape into a linear laye
     "pool_flatten_method": lambda m, y: m.gap(y).flatten(1),
     "pool_flatten_module": lambda m, y: m.flat(m.gap(y)),
 }
-_HEAD_IN = {"chunk": 4, "split": 4, "tensor_split": 4, "unbind": 4, "slice_halves_module": 4, "cat": 12}
+_HEAD_IN = {"chunk": 4, "split": 4, "tensor_split": 4, "unbind": 4, "slice_halves_module": 4, "cat": 12,
+            "cat_neg_dim_full_slice": 16, "partial_channel_slice": 4}
 _RAISES = {
     "chunk": _chunk, "split": _split, "tensor_split": _tensor_split, "unbind": _unbind,
     "unmodelled_operand": _unmodelled_operand,
     "slice_halves_module": lambda m, x, y: (lambda p: p[0] * p[1])(m.halves(y)),
     "flatten_channels_with_space": lambda m, x, y: torch.flatten(y, 1).view(x.shape[0], 8, 8, 8),
-    "cat": lambda m, x, y: torch.cat([y, m.b(x)], 1),
+    "partial_channel_slice": lambda m, x, y: y[:, :4],
+    "cat_along_space": lambda m, x, y: torch.cat([y, y], 2),
 }
 
 

@@ -99,7 +99,7 @@ def test_deterministic_and_data_dependent(setup):
 
 def test_scored_layers_are_the_producers(setup):
     model, graph, _, _ = setup
-    layers = {m for g, m in scored_layers(graph, model) if g == "blocks.1.0.conv_pw"}
+    layers = {m for g, m, _ in scored_layers(graph, model) if g == "blocks.1.0.conv_pw"}
     assert layers == {"blocks.1.0.conv_pw", "blocks.1.0.conv_dw", "blocks.1.0.se.conv_expand"}
 
 

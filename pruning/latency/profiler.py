@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..graph import ChannelGraph, NodeUse
+from ..layers import UnsupportedLayerError
 from .nodes import _Job, _Planner, _resize
 from .settings import (CALIBRATION_FRACTIONS, DEFAULT_GRID, DTYPES, LatencyTableError, _dtype_name, check_settings,
                        table_meta, table_path)
@@ -107,6 +108,7 @@ def profile_latency(model: nn.Module, graph: ChannelGraph, *, batch: int = 1, th
         ValueError: bad settings (before any work).
     """
     check_settings(batch=batch, threads=threads, device=device, backend=backend, dtype=dtype)
+    check_profilable(graph)
     if align != "auto" and (not isinstance(align, int) or align < 1):
         raise ValueError(f"align must be a positive int or 'auto', got {align!r}")
     start = time.perf_counter()
@@ -138,6 +140,21 @@ def profile_latency(model: nn.Module, graph: ChannelGraph, *, batch: int = 1, th
         torch.set_flush_denormal(False)
     table.seconds = time.perf_counter() - start
     return table
+
+
+def check_profilable(graph: ChannelGraph) -> None:
+    """Refuse a graph with concatenated channels (DenseNet, GhostNet): a node reading them depends on more than
+    two groups, which a latency table's terms cannot hold.
+
+    Raises:
+        UnsupportedLayerError: naming the first such node.
+    """
+    use = next((u for u in graph.nodes if u.segmented), None)
+    if use is not None:
+        raise UnsupportedLayerError(
+            f"latency tables do not support concatenated channels: node {use.name!r} ({use.target}) of "
+            f"{graph.model_name} uses {len(use.groups)} channel groups side by side; limit MACs or parameters instead "
+            "(budget.limits)")
 
 
 def _uniform_widths(grids: Mapping[str, tuple[int, ...]], full: Mapping[str, int], fraction: float,
