@@ -277,10 +277,12 @@ def _datasets(cfg: DictConfig) -> tuple[TrainingPool, ImageListDataset, list[str
     d = cfg.data
     roots = list(d.train_roots) if d.train_roots else [_train_dir(cfg)]
     val, cache = _val_dir(cfg), cfg.paths.cache_dir
-    val_set, unreadable = (image_dataset(val) if val is not None else None), []
-    if val_set is not None:  # undecodable images are dropped here, before any work, and counted in the report
-        val_set, unreadable = main_first(lambda progress: readable_images(val_set, cache, progress))
-    pool = main_first(lambda progress: training_pool(roots, val_set, cache, progress, scan=True))
+    full_val = image_dataset(val) if val is not None else None
+    val_set, unreadable = full_val, []
+    if full_val is not None:  # undecodable images are dropped here, before any work, and counted in the report
+        val_set, unreadable = main_first(lambda progress: readable_images(full_val, cache, progress))
+    # copies are looked for among every val image: the thumbnails just cached (an unreadable one matches nothing)
+    pool = main_first(lambda progress: training_pool(roots, full_val, cache, progress, scan=True))
     if val_set is None:
         pool, val_set = _hold_out(pool, d.holdout_fraction, cfg.seed)
     return pool, val_set, unreadable
