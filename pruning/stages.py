@@ -490,5 +490,5 @@ def _eval_view(ctx: RunContext, dataset: ImageListDataset) -> ImageListDataset:
 def _pool_batches(ctx: RunContext, batch_size: int) -> DataLoader:
     """This rank's share of the pool under the evaluation transform, in a seeded random order: the first
     images are a sample of all classes, not the first classes (importance, BN recalibration)."""
-    return eval_loader(ctx.data.pool.dataset, batch_size, ctx.cfg.data.workers, shuffle_seed=ctx.cfg.seed, shard=True,
-                       transform=eval_transform(ctx.parent, ctx.cfg.model.img_size))
+    return eval_loader(_eval_view(ctx, ctx.data.pool.dataset), batch_size, ctx.cfg.data.workers,
+                       shuffle_seed=ctx.cfg.seed, shard=True)
