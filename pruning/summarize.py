@@ -29,8 +29,7 @@ FINISHED = "finished"
 INCOMPLETE_EXIT = 3  # the summary was written, but some runs have not finished
 
 
-def _row(path: str) -> dict:
-    r = read_json(path)
+def _row(r: dict) -> dict:
     model, budget, solve = r.get("model", {}), r.get("budget", {}), r.get("solve", {})
     val = r.get("validate", {})
     student, teacher = val.get("student", {}), val.get("teacher", {})
@@ -45,16 +44,18 @@ def _row(path: str) -> dict:
             "student_images_per_s": student.get("images_per_s"), "teacher_images_per_s": teacher.get("images_per_s")}
 
 
-def _status(run_dir: str | None) -> str:
-    """``finished``, or why not: the run's report is written stage by stage, its ``run`` section last."""
+def _status(run_dir: str | None) -> tuple[str, dict | None]:
+    """``(finished, the report)``, or ``(why not, None)``: the run's report is written stage by stage, its ``run``
+    section last."""
     if run_dir is None:
-        return "not started: no run directory yet"
+        return "not started: no run directory yet", None
     path = os.path.join(run_dir, REPORT)
     if not os.path.isfile(path):
-        return f"no {REPORT} yet"
-    if "run" not in read_json(path):
-        return f"running or failed: {REPORT} lacks its final section (see run.log)"
-    return FINISHED
+        return f"no {REPORT} yet", None
+    report = read_json(path)
+    if "run" not in report:
+        return f"running or failed: {REPORT} lacks its final section (see run.log)", None
+    return FINISHED, report
 
 
 def _run_dirs(root: str) -> list[str]:
@@ -88,9 +89,9 @@ def collect(root: str) -> list[dict]:
     runs = _runs(os.path.normpath(root))
     rows = []
     for (run_dir, _), label in zip(runs, differing([o for _, o in runs])):
-        status = _status(run_dir)
+        status, report = _status(run_dir)
         where = os.path.relpath(run_dir, root) if run_dir is not None else ""
-        row = _row(os.path.join(run_dir, REPORT)) if status == FINISHED else {c: None for c in COLUMNS}
+        row = _row(report) if report is not None else {c: None for c in COLUMNS}
         rows.append(row | {"run": label or where, "status": status, "dir": where})
     done = sorted((r for r in rows if r["status"] == FINISHED), key=lambda r: (r["method"], r["macs_after"] or 0))
     return done + [r for r in rows if r["status"] != FINISHED]
