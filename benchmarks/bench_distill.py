@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import statistics
 import tempfile
-import time
 
 import torch
 from torch.utils.data import TensorDataset
@@ -30,7 +28,7 @@ from pruning.count import count_model
 from pruning.importance import create_importance
 from pruning.paper import paper_widths
 from pruning.search import search
-from pruning.speed import synchronize
+from pruning.speed import interleaved_calls
 
 
 def _trainer(student, teacher, method: str, data, out: str, **train) -> Trainer:
@@ -42,14 +40,6 @@ def _student(teacher, graph, args):
     if args.widths == "paper":
         return prune_to_widths(teacher, graph, paper_widths(args.budget, graph))
     return search(teacher, graph, create_importance("l1")(teacher, graph), args.budget).pruned
-
-
-def _timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def step_times(student, teacher, x: torch.Tensor, y: torch.Tensor, rounds: int = 7, **train) -> tuple[dict[str, float], Trainer]:
@@ -74,11 +64,7 @@ def step_times(student, teacher, x: torch.Tensor, y: torch.Tensor, rounds: int =
             forward_no_grad(fast.teacher, fast._teacher_input(xd), fast.points)
 
     calls["teacher forward only"] = teacher_only
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    for _ in range(rounds + 1):  # the first round warms up and is dropped
-        for name, fn in calls.items():
-            times[name].append(_timed(fn, fast.device))
-    return {k: statistics.median(v[1:]) for k, v in times.items()}, fast
+    return interleaved_calls(calls, rounds, fast.device), fast
 
 
 def main() -> None:

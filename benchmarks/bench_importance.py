@@ -8,28 +8,18 @@ each is reported, so machine noise hits both alike.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 
 from pruning import build_channel_graph, create_model
 from pruning.importance import create_importance
-from pruning.speed import synchronize
+from pruning.speed import interleaved_calls
 
 
 def _plain_step(model, x, y) -> None:
     model.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
-
-
-def _timed(fn, device: torch.device) -> float:
-    synchronize(device)
-    t = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - t
 
 
 def importance_times(model, graph, x: torch.Tensor, y: torch.Tensor, rounds: int = 5, batches: int = 4) -> dict[str, float]:
@@ -38,14 +28,9 @@ def importance_times(model, graph, x: torch.Tensor, y: torch.Tensor, rounds: int
     and ``y`` are on the device to measure."""
     criteria = {n: create_importance(n, num_images=len(x) * batches, progress=False)
                 for n in ("taylor_weight", "taylor_activation")}
-    device = x.device
     calls = {"plain": lambda: [_plain_step(model, x, y) for _ in range(batches)],
              **{n: (lambda crit=crit: crit(model, graph, [(x, y)] * batches)) for n, crit in criteria.items()}}
-    times: dict[str, list[float]] = {n: [] for n in calls}
-    for _ in range(rounds + 1):
-        for n, fn in calls.items():
-            times[n].append(_timed(fn, device))
-    return {k: statistics.median(v[1:]) for k, v in times.items()}
+    return interleaved_calls(calls, rounds, x.device)
 
 
 def main() -> None:

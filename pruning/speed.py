@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import nn
@@ -29,6 +29,23 @@ def time_forward(model: nn.Module, images: torch.Tensor, repeats: int = 1) -> fl
         model(images)
     synchronize(images.device)
     return (time.perf_counter() - start) / repeats
+
+
+def interleaved_calls(calls: Mapping[str, Callable[[], Any]], rounds: int, device: str | torch.device = "cpu"
+                      ) -> dict[str, float]:
+    """Median seconds per call of each of ``calls``, timed in turn round by round (one extra warm-up round is
+    dropped), the device synchronised around each call."""
+    device = torch.device(device)
+    times: dict[str, list[float]] = {n: [] for n in calls}
+    for r in range(rounds + 1):
+        for name, fn in calls.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            if r > 0:
+                times[name].append(time.perf_counter() - start)
+    return {n: statistics.median(ts) for n, ts in times.items()}
 
 
 def interleaved_speed(models: Mapping[str, tuple[nn.Module, int]], batch: int, rounds: int = 5, repeats: int = 1,
