@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import math
 import os
 import statistics
@@ -52,9 +51,10 @@ import bench_importance
 import bench_latency_prediction
 from distill import TrainConfig, create_loss
 from distill.precision import autocast
+from distill.checkpoint import LAST, load_checkpoint
 from distill.train import Trainer
 from pruning import build_channel_graph, create_model, prune_to_widths
-from pruning.artifacts import write_json
+from pruning.artifacts import REPORT, read_json, write_json
 from pruning.count import count_model
 from pruning.importance import create_importance
 from pruning.paper import paper_widths
@@ -180,7 +180,7 @@ def _finetune_mode(mode: str, m: dict, sizes: Sizes, out: str, device: torch.dev
     recorder = _Recorder()
     second = trainer(recorder)
     result = second.run()
-    ckpt = torch.load(os.path.join(out, "last.pth"), map_location="cpu", weights_only=True)
+    ckpt = load_checkpoint(os.path.join(out, LAST))
     losses = [h["train/loss"] for h in result.history if "train/loss" in h]
     require(second.resumed_from == half, f"resumed from update {second.resumed_from}, expected {half}")
     require(result.steps == sizes.ft_steps and ckpt["step"] == sizes.ft_steps, f"ended at {result.steps} updates")
@@ -299,8 +299,7 @@ def check_app(sizes: Sizes, device: torch.device, args: argparse.Namespace, sect
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.app_timeout)
         section.details = {"command": " ".join(cmd[1:]), "returncode": proc.returncode, "log_tail": proc.stderr[-3000:]}
         require(proc.returncode == 0, f"the app exited {proc.returncode}: {proc.stderr[-1500:]}")
-        with open(os.path.join(run_dir, "report.json")) as f:
-            report = json.load(f)
+        report = read_json(os.path.join(run_dir, REPORT))
     dist = report["run"]["distributed"]
     expected = "nccl" if device.type == "cuda" else "gloo"
     require(dist["backend"] == expected and dist["processes"] == 1, f"ran as {dist}, expected a {expected} group of one")
