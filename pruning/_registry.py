@@ -22,24 +22,7 @@ from typing import Any, Callable, Generic, Iterator, Mapping, Sequence, TypeVar
 from .errors import UserInputError
 
 T = TypeVar("T")
-Builtins = Sequence["str | Callable[[], None]"]  # modules or packages to import, or functions that register
-
-
-class _Lazy:
-    """Imports (or runs) the built-ins once, on the first lookup."""
-
-    def __init__(self, builtins: Builtins) -> None:
-        self._builtins, self._loaded = tuple(builtins), not builtins
-
-    def _load(self) -> None:
-        if self._loaded:
-            return
-        self._loaded = True  # first: the built-ins' own registrations look things up too
-        for item in self._builtins:
-            _import_all(item) if isinstance(item, str) else item()
-
-
-class Registry(_Lazy, Generic[T]):
+class Registry(Generic[T]):
     """Things of one kind by name: ``@registry.register(name)``, ``registry.create(name, **kwargs)``.
 
     Args:
@@ -50,10 +33,18 @@ class Registry(_Lazy, Generic[T]):
             ``distill/losses/``.
     """
 
-    def __init__(self, kind: str, how: str = "", builtins: Builtins = ()) -> None:
-        super().__init__(builtins)
+    def __init__(self, kind: str, how: str = "", builtins: Sequence[str] = ()) -> None:
         self.kind, self.how = kind, how
         self._items: dict[str, T] = {}
+        self._builtins, self._loaded = tuple(builtins), not builtins
+
+    def _load(self) -> None:
+        """Import the built-ins' modules once, on the first lookup."""
+        if self._loaded:
+            return
+        self._loaded = True  # first: the built-ins' own registrations look things up too
+        for module in self._builtins:
+            _import_all(module)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator registering a class or function as ``name``; a class also gets ``name`` as its ``name``.

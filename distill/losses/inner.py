@@ -42,7 +42,8 @@ class InnerDistillation(TeacherLoss):
 
     def points_for(self, student: nn.Module, teacher: nn.Module | None) -> list[str]:
         points = matched_points(student, self.points)
-        missing = [p for p in points if p not in dict(teacher.named_modules())]
+        names = {n for n, _ in teacher.named_modules()}
+        missing = [p for p in points if p not in names]
         if missing:
             raise ValueError(f"the teacher has no modules {missing}; is it the student's unpruned parent?")
         return points
