@@ -30,7 +30,7 @@ def _check_keep(graph: ChannelGraph, keep: Mapping[str, list[int]]) -> dict[str,
         if not group.prunable:
             raise ValueError(f"group {name!r} cannot be pruned: {group.reason}")
         per_block = torch.bincount(idx // (group.width // group.blocks), minlength=group.blocks)
-        if group.blocks > 1 and not (per_block == per_block[0]).all():
+        if not (per_block == per_block[0]).all():  # one block (no grouped conv): always equal
             raise ValueError(f"group {name!r} feeds a grouped conv: keep the same number of channels in each of its "
                              f"{group.blocks} groups of {group.width // group.blocks}, got {per_block.tolist()}")
         checked[name] = idx

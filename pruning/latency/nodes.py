@@ -74,14 +74,14 @@ def _pruned_module(module: nn.Module, out_w: int | None, in_w: int | None) -> nn
         return m
     blocks = rule.blocks(m)  # a grouped conv keeps the same number of channels in each group
 
-    def first(w: int, full: int) -> torch.Tensor:
-        return torch.tensor(first_channels(full, w, blocks), dtype=torch.long) if blocks > 1 else torch.arange(w)
+    def first(w: int, side: str) -> torch.Tensor:  # the width of a grouped conv's side: read only for one
+        return torch.tensor(first_channels(getattr(m, side), w, blocks), dtype=torch.long) if blocks > 1 else torch.arange(w)
 
     if rule.channel_map(m) is ChannelMap.MIX:
         if out_w is not None:
-            rule.prune_out(m, first(out_w, m.out_channels if blocks > 1 else out_w))
+            rule.prune_out(m, first(out_w, "out_channels"))
         if in_w is not None:
-            rule.prune_in(m, first(in_w, m.in_channels if blocks > 1 else in_w))
+            rule.prune_in(m, first(in_w, "in_channels"))
     elif out_w is not None and any(True for _ in m.parameters()):
         rule.prune_out(m, torch.arange(out_w))
     return m
