@@ -116,11 +116,28 @@ class NodeUse:
         return tuple(dict.fromkeys((self.out_group, *self.in_groups)))
 
 
+@dataclass(frozen=True)
+class ChannelCut:
+    """A channel split or slice whose sizes its module holds (:mod:`pruning.splits` resizes it after pruning).
+
+    Attributes:
+        module: the module whose forward makes the cut (its split rule is told the new sizes).
+        node: the fx node of the cut.
+        parts: the consecutive parts the channels are cut into, each as the groups it holds in channel order
+            (a slice ``x[:, a:b]`` has three parts: before, selected, after; an empty part holds none).
+    """
+
+    module: str
+    node: str
+    parts: tuple[tuple[str, ...], ...]
+
+
 @dataclass
 class ChannelGraph:
     """Groups and layers of one model at one input size; ``groups`` is in execution order.
 
-    ``nodes`` lists every fx node that does work, in execution order (empty when built by hand).
+    ``nodes`` lists every fx node that does work, in execution order (empty when built by hand). ``cuts`` lists
+    the channel splits and slices whose sizes a module holds.
     """
 
     model_name: str
@@ -129,6 +146,7 @@ class ChannelGraph:
     layers: list[LayerUse]
     protected_patterns: tuple[str, ...]
     nodes: list[NodeUse] = field(default_factory=list)
+    cuts: list[ChannelCut] = field(default_factory=list)
 
     def prunable_groups(self) -> list[ChannelGroup]:
         return [g for g in self.groups.values() if g.prunable]
@@ -217,6 +235,31 @@ class _Classes:
             raise UnsupportedLayerError(f"{where}: splits channels that feed a grouped conv; not supported")
         self.parts[leaf] = [self.new(w) for w in widths]
 
+    def _cut_leaves(self, c: int, cuts: set[int], where: str) -> None:
+        """Split ``c``'s leaves so that every offset in ``cuts`` falls on a boundary between leaves. A leaf may
+        appear twice in ``c`` (tied parts), so the segments are read again after each split."""
+        while True:
+            for leaf, offset in self.segments(c):
+                end = offset + self.width[leaf]
+                inner = sorted(x - offset for x in cuts | {end} if offset < x <= end)
+                if len(inner) > 1:
+                    self._split(leaf, [hi - lo for lo, hi in zip([0, *inner], inner)], where)
+                    break
+            else:
+                return
+
+    def cut(self, c: int, widths: Sequence[int], where: str) -> list[int | None]:
+        """Cut class ``c`` into consecutive parts of ``widths`` channels (a channel split or slice); returns each
+        part's class (None for an empty part). A part spanning several leaves is a segmented class of them."""
+        bounds = [sum(widths[:k]) for k in range(len(widths) + 1)]
+        self._cut_leaves(c, set(bounds[1:-1]), where)
+        segments = self.segments(c)
+        parts: list[int | None] = []
+        for lo, hi in zip(bounds, bounds[1:]):
+            inside = [leaf for leaf, offset in segments if lo <= offset < hi]
+            parts.append(None if lo == hi else inside[0] if len(inside) == 1 else self.concat(inside))
+        return parts
+
     def split_into(self, c: int, blocks: int, where: str) -> None:
         """Require class ``c`` to keep the same number of channels in each of ``blocks`` equal blocks."""
         if blocks > 1 and len(self.leaves(c)) > 1:
@@ -238,12 +281,9 @@ class _Classes:
         if self.width[ra] != self.width[rb]:
             raise UnsupportedLayerError(f"{where}: ties channel spaces of widths {self.width[ra]} and {self.width[rb]}")
         if ra in self.parts or rb in self.parts:  # tie segment by segment, on common boundaries
-            cuts = {o for c in (ra, rb) for _, o in self.segments(c)} | {self.width[ra]}
+            cuts = {o for c in (ra, rb) for _, o in self.segments(c)}
             for c in (ra, rb):
-                for leaf, offset in self.segments(c):
-                    inner = sorted(x - offset for x in cuts if offset < x <= offset + self.width[leaf])
-                    if len(inner) > 1:
-                        self._split(leaf, [hi - lo for lo, hi in zip([0, *inner], inner)], where)
+                self._cut_leaves(c, cuts, where)
             for x, y in zip(self.leaves(ra), self.leaves(rb)):
                 self.union(x, y, where)
             return ra
@@ -269,6 +309,7 @@ _BINARY = {
 _BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
 _REDUCE = {torch.mean, torch.sum, torch.amax}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
+_SPLITS = {torch.split: "split", torch.chunk: "chunk"}
 _RESHAPE = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "view", "reshape"}
 
@@ -312,11 +353,11 @@ def _where(node: fx.Node) -> str:
 class _Discovery:
     """One pass over the fx graph: assigns a channel class to every tensor and records layers."""
 
-    def __init__(self, gm: fx.GraphModule, protected: Sequence[str] = ()) -> None:
+    def __init__(self, gm: fx.GraphModule, model: nn.Module, protected: Sequence[str] = ()) -> None:
         self.gm = gm
         self.protected = tuple(protected)
         self.opaque_tuples: set[fx.Node] = set()
-        self.modules = dict(gm.named_modules())
+        self.modules = dict(model.named_modules())  # the traced copy holds plain containers above its leaves
         self.classes = _Classes()
         self.chan: dict[fx.Node, int] = {}
         self.layers: list[tuple[str, ChannelMap, int, int | None, LayerCost]] = []
@@ -325,6 +366,8 @@ class _Discovery:
         self.unary = _UNARY | _timm_unary()
         self.vectors: set[fx.Node] = set()  # per-channel parameters used directly
         self.sources: dict[int, str] = {}  # classes born outside a layer (parameters, opaque ops) -> their name
+        self.pieces: dict[fx.Node, list[int]] = {}  # a split node -> the class of each tensor it returns
+        self.cuts: list[tuple[str, str, list[int | None]]] = []  # (module, node, part classes) with held sizes
 
     def run(self) -> None:
         for node in self.gm.graph.nodes:
@@ -366,14 +409,54 @@ class _Discovery:
 
     # -- guards: every tensor that carries channels must be modelled, or discovery stops
     def _on_channel_split(self, node: fx.Node) -> None:
-        """A node that turns a channel tensor into several tensors (chunk, split, unbind, a tuple-returning
-        layer). Its outputs would get no channel class and later ops would silently ignore them, so the
-        dependency between the pieces and their producer would be lost: reject until splits are modelled."""
-        raise UnsupportedLayerError(
-            f"{_where(node)} splits the channel tensor into several outputs (chunk/split/unbind); "
-            "channel splits are not supported yet: protect the module it runs in (model.protected=[...]) to keep "
-            "its channels whole"
-        )
+        """A node that turns a channel tensor into several: ``split`` and ``chunk`` are modelled (each piece is a
+        part of the input's channels, or all of them for a split along another dim); anything else (unbind, a
+        tuple-returning layer) would leave its outputs without channels, so it is refused."""
+        where = _where(node)
+        kind = node.target if node.op == "call_method" else _SPLITS.get(node.target)
+        src = node.args[0] if node.args else None
+        if kind not in ("split", "chunk") or src not in self.chan:
+            raise UnsupportedLayerError(
+                f"{where} turns the channel tensor into several outputs, which is not modelled (split and chunk "
+                "are); protect the module it runs in (model.protected=[...]) to keep its channels whole")
+        rank, widths = len(_shape(src)), [m.shape[1] for m in node.meta["tensor_meta"]]
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if dim % rank != 1:  # a split along the spatial dims: every piece keeps every channel
+            self.pieces[node] = [self.chan[src]] * len(widths)
+            return
+        sizes = node.args[1] if len(node.args) > 1 else next(
+            (node.kwargs[k] for k in ("split_size_or_sections", "split_size", "chunks") if k in node.kwargs), None)
+        if _flatten_nodes(sizes) or 0 in widths:
+            raise UnsupportedLayerError(f"{where} splits the channels into {widths} at sizes computed in the forward "
+                                        "pass (or empty pieces); only constant sizes are supported")
+        parts = self.classes.cut(self.chan[src], widths, where)
+        if kind == "chunk" or isinstance(sizes, int):  # the sizes follow the first piece's: keep them equal
+            self._tie_equal(parts, widths, where)
+        if kind == "split":  # the sizes are constants: the module must be told the new ones
+            self._record_cut(node, parts, where)
+        self.pieces[node] = parts
+
+    def _tie_equal(self, parts: list[int], widths: list[int], where: str) -> None:
+        if len(set(widths)) > 1:
+            raise UnsupportedLayerError(f"{where} cuts {sum(widths)} channels into unequal pieces {widths}, whose "
+                                        "sizes cannot stay consistent once pruned")
+        for p in parts[1:]:
+            self.classes.union(parts[0], p, where)
+
+    def _record_cut(self, node: fx.Node, parts: list[int | None], where: str) -> None:
+        """A cut at sizes held by the module it runs in: that module needs a split rule to be told new ones."""
+        from .splits import find_split_rule
+
+        scope = _scope(node)
+        module = self.modules[scope]
+        if find_split_rule(module) is None:
+            what = f"{type(module).__name__}{'' if scope else ', the model'}"
+            raise UnsupportedLayerError(
+                f"{where} cuts the channels at sizes held by module {scope!r} ({what}), which must shrink with "
+                "them, and no split rule says how that module stores them: register one "
+                f"with pruning.splits.register_split_rule, or protect the module (model.protected=[..., {scope!r}]) "
+                "to keep its channels whole")
+        self.cuts.append((scope, node.name, parts))
 
     def _check_operands(self, node: fx.Node) -> None:
         """Reject a node that consumes a tensor without a channel class (it came from an unmodelled node).
@@ -464,9 +547,16 @@ class _Discovery:
 
     # -- ops
     def _on_op(self, node: fx.Node, target: Any, is_method: bool) -> None:
+        if target is operator.getitem and node.args[0] in self.pieces:  # one piece of a split
+            if not isinstance(node.args[1], int):
+                raise UnsupportedLayerError(f"{_where(node)} takes {node.args[1]!r} of a split's pieces; index one")
+            self.chan[node] = self.pieces[node.args[0]][node.args[1]]
+            return
+        if target is torch.cat and not is_method:
+            return self._concat(node, _where(node))
         tensor_inputs = self._channel_inputs(node)
         if _shape(node) is None or not tensor_inputs:
-            return  # shape queries and other non-tensor values carry no channels (splits were rejected in run)
+            return  # shape queries and other non-tensor values carry no channels
         where = _where(node)
         if target in (_BINARY_METHODS if is_method else _BINARY):
             return self._broadcast(node, tensor_inputs, where)
@@ -475,8 +565,6 @@ class _Discovery:
         if target in (_REDUCE_METHODS if is_method else _REDUCE):
             self._check_reduce_dims(node, where)
             return self._passthrough(node, tensor_inputs, where)
-        if target is torch.cat and not is_method:
-            return self._concat(node, where)
         if target is operator.getitem and not is_method:
             return self._slice(node, tensor_inputs, where)
         if target in (_RESHAPE_METHODS if is_method else _RESHAPE):
@@ -487,33 +575,54 @@ class _Discovery:
         raise UnsupportedLayerError(
             f"{where} is not known to the channel-group discovery, so pruning through it could silently "
             "break the model. Supported: elementwise activations, add/mul/sub/div with channel broadcasting, "
-            "spatial pooling and means, flatten of spatial dims, concatenation along the channel dim, slices that "
-            "keep every channel, and layers with a registered rule. To keep its "
+            "spatial pooling and means, flatten of spatial dims, concatenation, split, chunk and step-1 slices "
+            "along the channel dim, and layers with a registered rule. To keep its "
             "channels whole instead, protect the module it runs in (model.protected=[..., 'that.module'])."
         )
 
     def _concat(self, node: fx.Node, where: str) -> None:
-        """``torch.cat`` along the channel dim: the output's channels are the inputs' segments, in order."""
+        """``torch.cat`` along the channel dim: the output's channels are the inputs' segments, in order. Along
+        another dim the inputs' channels are tied (channel i of each is channel i of the output)."""
         tensors = node.args[0] if node.args else node.kwargs.get("tensors")
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
         rank = len(_shape(node))
-        if not isinstance(tensors, (list, tuple)) or not all(isinstance(t, fx.Node) and t in self.chan for t in tensors):
+        if isinstance(tensors, fx.Node) and tensors in self.pieces:  # the pieces of a split, put back together
+            classes = self.pieces[tensors]
+        elif isinstance(tensors, (list, tuple)) and all(isinstance(t, fx.Node) and t in self.chan for t in tensors):
+            classes = [self.chan[t] for t in tensors]
+        else:
             raise UnsupportedLayerError(f"{where} concatenates tensors whose channels are unknown")
-        if rank < 2 or not isinstance(dim, int) or dim % rank != 1:
-            raise UnsupportedLayerError(f"{where} concatenates along dim {dim}, not the channel dim; not supported")
-        self.chan[node] = self.classes.concat([self.chan[t] for t in tensors])
+        if rank < 2 or not isinstance(dim, int) or dim % rank == 0:
+            raise UnsupportedLayerError(f"{where} concatenates along dim {dim}, the batch; not supported")
+        if dim % rank != 1:
+            for c in classes[1:]:
+                self.classes.union(classes[0], c, where)
+            self.chan[node] = classes[0]
+            return
+        self.chan[node] = self.classes.concat(classes)
 
     def _slice(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
-        """``x[...]`` with slices that keep every channel (and the batch): channels pass through unchanged.
-        Any other channel slice (GhostNet's ``out[:, :self.out_chs]`` when it drops channels) is refused."""
+        """``x[...]`` with step-1 slices keeping the batch: channels pass through unchanged, or, for a slice of
+        the channels ``x[:, a:b]`` (ReXNet's partial residual), the output is that part of the input's channels,
+        cut at sizes its module holds."""
         src, index = node.args[0], node.args[1]
         index = index if isinstance(index, tuple) else (index,)
         whole = all(i is Ellipsis or (isinstance(i, slice) and i.step in (None, 1)) for i in index)
         a, b = _shape(src), _shape(node)
-        if not (whole and src in self.chan and len(inputs) == 1 and len(a) == len(b) >= 2 and a[:2] == b[:2]):
-            raise UnsupportedLayerError(f"{where} indexes {a} to {b}; only slices keeping every channel are supported "
-                                        "(a slice of the channels is not)")
-        self.chan[node] = self.chan[src]
+        if not (whole and src in self.chan and len(inputs) == 1 and len(a) == len(b) >= 2 and a[0] == b[0]):
+            raise UnsupportedLayerError(f"{where} indexes {a} to {b}; only step-1 slices keeping the batch are "
+                                        "supported")
+        if a[1] == b[1]:
+            self.chan[node] = self.chan[src]
+            return
+        channel = index[1] if len(index) > 1 and index[0] is not Ellipsis else None
+        if not isinstance(channel, slice) or not all(v is None or isinstance(v, int) for v in (channel.start, channel.stop)):
+            raise UnsupportedLayerError(f"{where} slices the channels of {a} through {index}; only x[:, a:b] with "
+                                        "constant a and b is supported")
+        start, stop, _ = channel.indices(a[1])
+        parts = self.classes.cut(self.chan[src], [start, stop - start, a[1] - stop], where)
+        self._record_cut(node, parts, where)
+        self.chan[node] = parts[1]
 
     def _vector_to_channels(self, node: fx.Node, src: fx.Node, where: str) -> None:
         """A per-channel parameter reshaped to broadcast over the channel dim (``gamma.reshape(1, -1, 1, 1)``)."""
@@ -627,7 +736,8 @@ def _node_uses(d: _Discovery) -> list[NodeUse]:
             out_group=names[out_leaves[0]], in_groups=tuple(names[c] for ls in in_leaves for c in ls),
             input_shapes=tuple(_shape(a) for a in inputs), output_shape=_shape(node),
             inputs=tuple(a.name for a in inputs),
-            segmented=len(out_leaves) > 1 or any(len(ls) > 1 for ls in in_leaves),
+            segmented=len(out_leaves) > 1 or any(len(ls) > 1 for ls in in_leaves)
+            or any(a in d.pieces for a in _flatten_nodes(node.args)),  # a piece of a split
         ))
     return uses
 
@@ -662,6 +772,12 @@ def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, Channel
     for g in groups.values():
         _apply_protection(g, patterns)
     return groups, layers
+
+
+def _channel_cuts(d: _Discovery) -> list[ChannelCut]:
+    names = _class_names(d)
+    parts = lambda cs: tuple(() if c is None else tuple(names[leaf] for leaf in d.classes.leaves(c)) for c in cs)  # noqa: E731
+    return [ChannelCut(module, node, parts(cs)) for module, node, cs in d.cuts]
 
 
 def _apply_protection(group: ChannelGroup, patterns: Sequence[str]) -> None:
@@ -706,8 +822,8 @@ def build_channel_graph(
             ShapeProp(gm).propagate(torch.zeros(1, in_chans, *hw, device=param.device, dtype=param.dtype))
     finally:
         model.train(was_training)
-    discovery = _Discovery(gm, patterns)
+    discovery = _Discovery(gm, model, patterns)
     discovery.run()
     groups, layers = _assemble(discovery, patterns)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    return ChannelGraph(name, (in_chans, *hw), groups, layers, patterns, _node_uses(discovery))
+    return ChannelGraph(name, (in_chans, *hw), groups, layers, patterns, _node_uses(discovery), _channel_cuts(discovery))

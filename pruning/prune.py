@@ -10,6 +10,7 @@ from torch import nn
 from .blocks import blocks_to_remove, remove_blocks, removable_blocks
 from .graph import ChannelGraph
 from .layers import find_rule
+from .splits import resize_cuts
 
 
 def _check_keep(graph: ChannelGraph, keep: Mapping[str, list[int]]) -> dict[str, torch.Tensor]:
@@ -70,6 +71,9 @@ def prune_model(model: nn.Module, graph: ChannelGraph, keep: Mapping[str, Sequen
         (rule.prune_in if side == "in" else rule.prune_out)(module, idx)
     # after slicing: a removed block's constant comes from its last BN, already cut to the kept stream channels
     remove_blocks(pruned, removed)
+    widths = {name: len(keep_idx[name]) if name in keep_idx else 0 if name in emptied else g.width
+              for name, g in graph.groups.items()}
+    resize_cuts(pruned, graph, widths)
     _sync_timm_attributes(pruned)
     return pruned
 

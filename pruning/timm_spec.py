@@ -27,29 +27,35 @@ from .blocks import removed_blocks
 from .errors import UserInputError
 from .graph import ChannelGraph
 from .layers import is_grouped
+from .splits import resized_modules
 
 SEPARATOR = "***"
 _ENTRY = re.compile(r"^([\w.\-]+):\[([\d,\s]*)\]$")
 
 
 class SpecUnsupportedError(UserInputError):
-    """The model cannot be written as a timm pruned spec (removed blocks, grouped convs); other formats hold it."""
+    """The model cannot be written as a timm pruned spec (removed blocks, grouped convs, resized channel splits); other formats hold it."""
 
 
 def check_spec_expressible(model: nn.Module) -> None:
-    """Raise :class:`SpecUnsupportedError` when ``model`` has removed blocks or grouped convs, naming them.
+    """Raise :class:`SpecUnsupportedError` when ``model`` has removed blocks, grouped convs or resized channel cuts
+    (:mod:`pruning.splits`), naming them.
 
     Detected from the model itself (the replacement modules carry a marker), so any pruned model is checked
     the same way whatever produced it.
     """
     names = removed_blocks(model)
     grouped = [n for n, m in model.named_modules() if isinstance(m, nn.Conv2d) and is_grouped(m)]
+    resized = resized_modules(model)
     if names:
         why = (f"the model has {len(names)} removed residual block(s) ({', '.join(names)}); timm's pruned spec lists "
                "state_dict shapes and cannot express a removed block")
     elif grouped:
         why = (f"the model has {len(grouped)} grouped conv(s) (e.g. {grouped[0]!r}); timm's pruned spec rebuilds "
                "every conv with groups > 1 as a depthwise one, so it cannot express them")
+    elif resized:
+        why = (f"{len(resized)} module(s) cut their channels at sizes pruning changed (e.g. {resized[0]!r}); timm's "
+               "pruned spec only resizes layers, so those modules would keep their old split sizes")
     else:
         return
     raise SpecUnsupportedError(f"{why}, so no timm-format files were written. pruned_checkpoint.pth (load it with "
@@ -60,7 +66,7 @@ def spec_from_model(model: nn.Module) -> str:
     """The one-line timm spec of ``model``: every state_dict key with its shape.
 
     Raises:
-        SpecUnsupportedError: the model has removed blocks.
+        SpecUnsupportedError: the model has removed blocks, grouped convs or resized channel splits.
     """
     check_spec_expressible(model)
     return SEPARATOR.join(f"{k}:{list(v.shape)}" for k, v in model.state_dict().items())
@@ -114,7 +120,7 @@ def save_timm_format(model: nn.Module, spec_path: str, state_dict_path: str) -> 
     """Write ``model`` as a timm spec file and a state_dict file, each atomically.
 
     Raises:
-        SpecUnsupportedError: the model has removed blocks; nothing is written.
+        SpecUnsupportedError: the model has removed blocks, grouped convs or resized channel splits; nothing is written.
     """
     check_spec_expressible(model)
     atomic_write_text(spec_path, spec_from_model(model) + "\n")

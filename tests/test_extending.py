@@ -1,6 +1,6 @@
 """Every extension point takes one registration and, where a config selects it, one YAML (README, Extending).
 
-Each test registers a new criterion, solver, cost, distillation loss, layer rule or protected-layer default, as
+Each test registers a new criterion, solver, cost, distillation loss, layer rule, split rule or protected-layer default, as
 the README shows, checks it is used end to end through the public API, and unregisters it again.
 """
 from __future__ import annotations
@@ -237,6 +237,51 @@ def test_a_new_layer_rule_prunes_a_custom_layer_exactly(undo):
     assert torch.allclose(pruned(x), masked_reference(model, graph, keep)(x), atol=1e-5)
     widths = {g: len(k) for g, k in keep.items()}
     assert CostModel(graph, model).params(widths) == sum(p.numel() for p in pruned.parameters())
+
+
+class HalfBlock(nn.Module):
+    """Convolves half its channels and passes the other half on, cutting at a size it holds (like CSP)."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.half, self.conv = channels // 2, nn.Conv2d(channels // 2, channels // 2, 3, padding=1)
+
+    def forward(self, x):
+        a, b = x.split(self.half, dim=1)
+        return torch.cat([self.conv(a), b], dim=1)
+
+
+class HalfNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem, self.block, self.head = nn.Conv2d(3, 8, 3, padding=1), HalfBlock(8), nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.head(self.block(self.stem(x)))
+
+
+def test_a_new_split_rule_resizes_a_module_that_cuts_its_channels(undo):
+    from pruning.layers import UnsupportedLayerError
+    from pruning.splits import SPLIT_RULES, SplitRule, register_split_rule
+
+    torch.manual_seed(0)
+    model = HalfNet().eval()
+    with pytest.raises(UnsupportedLayerError, match="module 'block' .*register_split_rule"):
+        build_channel_graph(model, 16, protected=[])  # the sizes it holds would go stale: refused
+
+    @register_split_rule(HalfBlock)
+    class HalfSplit(SplitRule):
+        def resize(self, module, cuts):  # cuts[0]: the pruned widths of the parts of its one split
+            module.half = cuts[0][0]
+
+    undo(lambda: SPLIT_RULES.unregister(HalfBlock))
+    graph = build_channel_graph(model, 16, protected=[])
+    keep = random_keep(graph, seed=1)
+    assert len(keep["stem"]) < 4  # both halves keep the same channels (split(int) needs equal halves)
+    pruned = prune_model(model, graph, keep)
+    assert pruned.block.half == len(keep["stem"])
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.allclose(pruned(x), masked_reference(model, graph, keep)(x), atol=1e-5)
 
 
 class PlainNet(nn.Module):

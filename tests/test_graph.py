@@ -1,6 +1,8 @@
 """Channel groups discovered from the graph, protection, clear errors, and the exact cost model."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +13,7 @@ from conftest import MODELS, SMALL
 from pruning import CostModel, UnsupportedLayerError, build_channel_graph, prune_model
 from pruning.count import count_model
 from pruning.layers import LayerRule, register_rule
+from pruning.splits import SplitRule, register_split_rule
 
 
 @pytest.fixture(scope="module")
@@ -237,12 +240,12 @@ class _ChannelMean(nn.Module):
 
 
 @pytest.mark.parametrize("model,needle", [
-    (_PartialSlice(), "only slices keeping every channel"),
+    (_PartialSlice(), "sizes held by module '' (_PartialSlice, the model), which must shrink with them, and no split rule"),
     (_NoRule(), "'norm' of type GroupNorm"),
     (_ChannelMean(), "reduces over the batch or channel dim"),
 ])
 def test_unsupported_operations_are_named(model, needle):
-    with pytest.raises(UnsupportedLayerError, match=needle.replace("(", r"\(")):
+    with pytest.raises(UnsupportedLayerError, match=re.escape(needle)):
         build_channel_graph(model, 8, protected=[])
 
 
@@ -270,7 +273,7 @@ class _Net(nn.Module):
         self.bn = nn.BatchNorm2d(8)
         self.relu6, self.drop = nn.ReLU6(), nn.Dropout(0.5)
         self.max_pool, self.amax_pool = nn.MaxPool2d(2), nn.AdaptiveMaxPool2d(2)
-        self.halves, self.twice = _Halves(), _Twice()
+        self.halves, self.twice, self.split_at = _Halves(), _Twice(), _SplitAt([4, 4])
         self.head = nn.Conv2d(head_in, 2, 1)
 
     def forward(self, x):
@@ -340,20 +343,47 @@ class _PairLayer(nn.Module):
 register_rule(_PairLayer)(type("_PairLayerRule", (LayerRule,), {}))
 
 
-@pytest.mark.parametrize("body,node", [
-    (_chunk, "chunk"), (_chunk_method, "chunk"), (_split, "split"), (_split_method, "split"),
-    (_tensor_split, "tensor_split"), (_unbind, "unbind"),
-])
-def test_channel_splits_are_rejected_naming_the_node(body, node):
-    with pytest.raises(UnsupportedLayerError, match=rf"node '{node}'.*channel splits are not supported"):
+@pytest.mark.parametrize("body,node", [(_tensor_split, "tensor_split"), (_unbind, "unbind")])
+def test_unmodelled_channel_splits_are_rejected_naming_the_node(body, node):
+    with pytest.raises(UnsupportedLayerError, match=rf"node '{node}'.*several outputs, which is not modelled"):
+        build_channel_graph(_Net(body, head_in=4), 8, protected=[])
+
+
+@pytest.mark.parametrize("body,node", [(_split, "split"), (_split_method, "split")])
+def test_a_split_at_sizes_held_by_a_module_without_a_split_rule_is_rejected(body, node):
+    with pytest.raises(UnsupportedLayerError, match=rf"node '{node}'.*no split rule.*register_split_rule"):
         build_channel_graph(_Net(body, head_in=4), 8, protected=[])
 
 
 def test_layer_returning_a_tuple_is_rejected():
     net = _Net(lambda m, x, y: m.b(x) * m.pair(y)[0][:, :4], head_in=4)
     net.pair = _PairLayer()
-    with pytest.raises(UnsupportedLayerError, match=r"node 'pair'.*channel splits are not supported"):
+    with pytest.raises(UnsupportedLayerError, match=r"node 'pair'.*several outputs, which is not modelled"):
         build_channel_graph(net, 8, protected=[])
+
+
+class _SplitAt(nn.Module):
+    """Cuts its input at sizes it holds (as MixNet's, CSP's and ReXNet's blocks do); its split rule resizes it."""
+
+    def __init__(self, sizes):
+        super().__init__()
+        self.sizes = list(sizes)
+
+    def forward(self, y):
+        a, b = torch.split(y, self.sizes, 1)
+        return a, b, y[:, self.sizes[0]:]
+
+
+@register_split_rule(_SplitAt)
+class _SplitAtRule(SplitRule):
+    def resize(self, module, cuts):
+        module.sizes = list(cuts[0])
+        assert cuts[1][1] == cuts[0][1]  # the slice [sizes[0]:] is the split's second part
+
+
+def _split_with_rule(m, x, y):
+    a, b, c = m.split_at(y)  # c (the slice) is b
+    return torch.cat([m.b(x) * a, m.bn(torch.cat([c, b], 1))], 1)
 
 
 @pytest.mark.parametrize("body,node", [(_unmodelled_operand, "mul"), (_split_of_unmodelled, "chunk")])
@@ -402,6 +432,11 @@ _PRUNES = {  # every op the discovery models, each in a small model: pruning mus
     "tuple_module_traced_through": lambda m, x, y: (lambda p: p[0] * m.c(p[1]))(m.twice(y)),
     "cat": lambda m, x, y: torch.cat([y, m.b(x)], 1),
     "cat_neg_dim_full_slice": lambda m, x, y: torch.cat([m.bn(y), m.c(y)], dim=-3)[:, :16],
+    "chunk": _chunk,  # the halves keep the same channels, so chunk still cuts them in equal halves
+    "chunk_method": _chunk_method,
+    "cat_along_space": lambda m, x, y: torch.cat([y, m.c(y)], 2),
+    "split_along_space": lambda m, x, y: torch.cat(torch.split(m.c(y), 4, dim=2), 2) * y,
+    "split_at_sizes_held_by_a_module_with_a_rule": _split_with_rule,
 }
 _HEADS = {  # pooled heads: mean, pool + flatten/view/reshape into a linear layer
     "mean_linear": lambda m, y: y.mean((2, 3)),
@@ -411,15 +446,19 @@ _HEADS = {  # pooled heads: mean, pool + flatten/view/reshape into a linear laye
     "pool_flatten_method": lambda m, y: m.gap(y).flatten(1),
     "pool_flatten_module": lambda m, y: m.flat(m.gap(y)),
 }
-_HEAD_IN = {"chunk": 4, "split": 4, "tensor_split": 4, "unbind": 4, "slice_halves_module": 4, "cat": 12,
-            "cat_neg_dim_full_slice": 16, "partial_channel_slice": 4}
+_HEAD_IN = {"chunk": 4, "chunk_method": 4, "split_at_sizes_held_by_a_module_with_a_rule": 12, "split": 4, "tensor_split": 4, "unbind": 4, "slice_halves_module": 4, "cat": 12,
+            "cat_neg_dim_full_slice": 16, "partial_channel_slice": 4,
+            "split_at_a_computed_size": 4, "slice_at_a_computed_bound": 4, "strided_channel_slice": 4}
 _RAISES = {
-    "chunk": _chunk, "split": _split, "tensor_split": _tensor_split, "unbind": _unbind,
+    "split": _split, "tensor_split": _tensor_split, "unbind": _unbind,
     "unmodelled_operand": _unmodelled_operand,
     "slice_halves_module": lambda m, x, y: (lambda p: p[0] * p[1])(m.halves(y)),
     "flatten_channels_with_space": lambda m, x, y: torch.flatten(y, 1).view(x.shape[0], 8, 8, 8),
     "partial_channel_slice": lambda m, x, y: y[:, :4],
-    "cat_along_space": lambda m, x, y: torch.cat([y, y], 2),
+    "split_at_a_computed_size": lambda m, x, y: (lambda p: p[0] * p[1])(y.split(y.shape[1] // 2, dim=1)),
+    "slice_at_a_computed_bound": lambda m, x, y: y[:, :y.shape[1] // 2],
+    "strided_channel_slice": lambda m, x, y: y[:, ::2],
+    "cat_along_batch": lambda m, x, y: torch.cat([y, y], 0),
 }
 
 

@@ -143,8 +143,8 @@ def profile_latency(model: nn.Module, graph: ChannelGraph, *, batch: int = 1, th
 
 
 def check_profilable(graph: ChannelGraph) -> None:
-    """Refuse a graph with concatenated channels (DenseNet, GhostNet): a node reading them depends on more than
-    two groups, which a latency table's terms cannot hold.
+    """Refuse a graph with concatenated or split channels (DenseNet, GhostNet, MixNet, CSP, ReXNet): a node
+    reading them depends on more than two groups, which a latency table's terms cannot hold.
 
     Raises:
         UnsupportedLayerError: naming the first such node.
@@ -152,7 +152,7 @@ def check_profilable(graph: ChannelGraph) -> None:
     use = next((u for u in graph.nodes if u.segmented), None)
     if use is not None:
         raise UnsupportedLayerError(
-            f"latency tables do not support concatenated channels: node {use.name!r} ({use.target}) of "
+            f"latency tables do not support concatenated or split channels: node {use.name!r} ({use.target}) of "
             f"{graph.model_name} uses {len(use.groups)} channel groups side by side; limit MACs or parameters instead "
             "(budget.limits)")
 
