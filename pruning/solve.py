@@ -203,7 +203,7 @@ def solve(
     Args:
         problem: scores, constraints, widths and width rules.
         solver: a name in :data:`SOLVERS` (``exact``: optimal with a proven bound; ``greedy``: the paper's).
-        time_limit: seconds the solver may use (soft: checked between branch-and-bound nodes).
+        time_limit: seconds the solver may use (soft: ``exact`` checks it between dual evaluations).
         gap_tol: ``exact`` stops once ``(bound - objective) <= gap_tol * objective`` (0: prove optimality).
         options: further arguments of the solver (the keys of its YAML beyond ``time_limit`` and ``gap_tol``).
 

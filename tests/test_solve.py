@@ -192,6 +192,51 @@ def test_bound_is_valid_when_stopped_early(seed):
     assert sol.bound >= opt - 1e-9 and sol.gap >= -1e-12
 
 
+def test_deadline_is_checked_between_dual_evaluations(monkeypatch):
+    """Each evaluation slowed to 0.5 s: the root's dual search alone takes ~7 of them, the limit allows 2."""
+    import time
+
+    p = random_problem(200, kind="both")
+    maximise = exact_mod._maximise
+
+    def slow(*args):
+        time.sleep(0.5)
+        return maximise(*args)
+
+    monkeypatch.setattr(exact_mod, "_maximise", slow)
+    t = time.perf_counter()
+    sol = solve(p, "exact", time_limit=0.5, gap_tol=0.0)
+    assert time.perf_counter() - t < 2.0  # the limit plus one evaluation, and slack for a busy machine
+    opt = brute_force(p)
+    assert feasible(p, sol.widths) and sol.objective <= opt + 1e-9
+    assert sol.bound >= opt - 1e-9 and sol.bound >= sol.objective
+
+
+def dense_problem(n: int = 40, width: int = 24, seed: int = 0) -> KnapsackProblem:
+    """Every pair of ``n`` groups coupled (a DenseNet block taken to the extreme): exact elimination tables
+    would span all groups, so the plan relaxes most edges."""
+    rng = np.random.default_rng(seed)
+    names = [f"g{i}" for i in range(n)]
+    full = {g: width for g in names}
+    terms = [Constant(100)] + [Linear((g,), int(rng.integers(1, 50))) for g in names]
+    terms += [Bilinear((g, h), int(rng.integers(1, 20))) for g, h in itertools.combinations(names, 2)]
+    cost = Cost("macs", "MACs", terms, full, integral=True)
+    return KnapsackProblem({g: rng.random(width) for g in names}, [Constraint(cost, int(0.5 * cost()))], full)
+
+
+def test_exact_on_dense_coupling_returns_within_its_time_limit():
+    import time
+
+    p = dense_problem()
+    t = time.perf_counter()
+    sol = solve(p, "exact", time_limit=1.0)
+    assert time.perf_counter() - t < 3.0
+    limit = p.constraints[0].limit
+    assert feasible(p, sol.widths) and 0.99 * limit <= sol.macs <= limit
+    assert sol.bound >= sol.objective and 0.0 <= sol.gap < 0.1
+    assert sol.objective >= solve(p, "greedy").objective
+
+
 def test_conjugate_matches_dense_maximum():
     rng = np.random.default_rng(0)
     x = np.cumsum(rng.integers(1, 4, size=300)).astype(float)

@@ -9,8 +9,11 @@ bound ``D(lam) = sum_k lam_k + max_w (V - lam . cost)``. The best ``lam`` is fou
 one constraint, and by Kelley's cutting planes (a small LP) for several; both are finite because the dual is
 piecewise linear. Maximisers on either side of the limits are completed into feasible solutions by a greedy on
 exact costs, and the box of allowed widths is split between them (best bound first) until the gap is below
-``gap_tol``. Couplings whose elimination table would be too large are relaxed (McCormick for bilinear costs,
-the lowest column for tables) and branched on instead.
+``gap_tol``. Couplings whose elimination table would be too large or span more than two groups (DenseNets'
+concatenations) are relaxed (McCormick at the box corner nearest the incumbent for bilinear costs, the lowest
+column for tables) and branched on instead. One evaluation of a dense coupling can still take a while, so the
+deadline is checked between evaluations, not only between boxes: a stopped search reports the best feasible
+solution found and the smallest dual value proved (every ``D(lam)`` bounds its box).
 """
 from __future__ import annotations
 
@@ -26,7 +29,12 @@ from .instance import Instance
 from .local import LocalSearch
 
 _DENSE = 4096  # largest (choices x table) product evaluated densely; larger bilinear messages use a concave hull
-_TABLE_LIMIT = 30_000_000  # largest dense table variable elimination may build; beyond it edges are relaxed
+# Limits on the tables variable elimination builds; beyond them edges are relaxed. Trees (EfficientNets) and
+# chains of triangles (ResNets, <= 2M entries even at wide_resnet101_2 with round_to=1) stay within both;
+# DenseNets' concatenations couple every layer of a block with every later one, and exact tables there reach
+# billions of entries (seconds per dual evaluation): bounded, an evaluation takes ~0.05 s on densenet121.
+_TABLE_LIMIT = 4_000_000  # entries of one table (times the eliminated group's choices when it combines tables)
+_SCOPE_LIMIT = 2  # groups one created table may span
 _REL_TOL = 1e-12
 _KNOWN = 32  # maximisers a box passes on to its children as cutting planes (several constraints)
 
@@ -64,7 +72,8 @@ class _Plan:
 
 
 def _plan(inst: Instance) -> _Plan:
-    """Elimination order by smallest created table; edges are relaxed only if a table would be too big."""
+    """Elimination order by smallest created table; edges are relaxed only if a table would be too big or
+    span more than ``_SCOPE_LIMIT`` groups."""
     adj: dict[int, set[int]] = {i: set() for i in range(len(inst.names))}
     for i, j in inst.edges:
         adj[i].add(j)
@@ -73,13 +82,28 @@ def _plan(inst: Instance) -> _Plan:
     tables: dict[int, tuple[int, ...]] = {}
     steps, relaxed, left = [], [], set(adj)
     while left:
-        size, v = min((_elim_size(inst, adj, tables, dense, u), u) for u in sorted(left))
-        if size > _TABLE_LIMIT and adj[v]:
-            relaxed.append(_relax_edge(inst, adj, v))
-            continue
+        order = sorted((_elim_size(inst, adj, tables, dense, u), u) for u in left)
+        size, v = order[0]
+        if not _fits(adj, tables, v, size):
+            # relaxing edges cannot shrink the tables a group already shares, so take the smallest group whose
+            # tables alone fit, then relax its edges one by one (the first group when none fits)
+            v = next((u for _, u in order if _fits({u: ()}, tables, u, _table_size(inst, tables, u))), v)
+            if adj[v] and not _fits(adj, tables, v, _elim_size(inst, adj, tables, dense, v)):
+                relaxed.append(_relax_edge(inst, adj, v))
+                continue
         steps.append(_eliminate(adj, tables, v, len(steps)))
         left.discard(v)
     return _Plan(steps, relaxed)
+
+
+def _fits(adj, tables, v: int, size: int) -> bool:
+    return size <= _TABLE_LIMIT and len(_scope(adj, tables, v)) <= _SCOPE_LIMIT
+
+
+def _table_size(inst: Instance, tables, v: int) -> int:
+    """Entries of the table eliminating ``v`` would create with all its edges relaxed."""
+    scope = _scope({v: ()}, tables, v)
+    return math.prod(len(inst.grids[u]) for u in scope) * (len(inst.grids[v]) if scope else 1)
 
 
 def _scope(adj, tables, v: int) -> tuple[int, ...]:
@@ -137,9 +161,15 @@ class _Weights:
 
 
 class _Costs:
-    """One box's costs in units of their limits, with relaxed edges replaced by separable under-estimators."""
+    """One box's costs in units of their limits, with relaxed edges replaced by separable under-estimators.
 
-    def __init__(self, inst: Instance, plan: _Plan) -> None:
+    A relaxed bilinear edge ``c w_i w_j`` is under-estimated by the McCormick plane through the box's lowest
+    or highest corner, whichever is closer at ``near`` (choice indices in the box, e.g. the incumbent): the
+    error ``c |w_i - a| |w_j - b|`` vanishes at the corner ``(a, b)``, and solutions under a budget sit nearer
+    the full widths than the lowest ones.
+    """
+
+    def __init__(self, inst: Instance, plan: _Plan, near: np.ndarray | None = None) -> None:
         self.inst, self.plan = inst, plan
         scale, relaxed = inst.scale(), set(plan.relaxed)
         self.unit = [[s * u.astype(np.float64) for u in uk] for s, uk in zip(scale, inst.unary)]
@@ -148,16 +178,18 @@ class _Costs:
         self.tables = [{e: s * edge.tables[k].astype(np.float64) for e, edge in inst.edges.items()
                         if e not in relaxed and edge.tables[k] is not None} for k, s in enumerate(scale)]
         self.ties = {e: _tie_mask(inst, *e) for e, edge in inst.edges.items() if edge.tie and e not in relaxed}
+        self.corner = {e: _corner(inst, *e, near) for e in plan.relaxed}  # relaxed edge -> (a, b) choice indices
         for i, j in plan.relaxed:
             self._underestimate(i, j, scale)
 
     def _underestimate(self, i: int, j: int, scale: np.ndarray) -> None:
-        """``c w_i w_j >= c (lo_j w_i + lo_i w_j - lo_i lo_j)`` (McCormick); ``T[a, b] >= T[a, lowest b]``."""
+        """``c w_i w_j >= c (b w_i + a w_j - a b)`` at a corner ``(a, b)`` (McCormick); ``T[a, b] >= T[a, lowest b]``."""
         gi, gj, edge = self.inst.grids[i], self.inst.grids[j], self.inst.edges[(i, j)]
+        a, b = (float(g[c]) for g, c in zip((gi, gj), self.corner[(i, j)]))
         for k, s in enumerate(scale):
             c = s * float(edge.coef[k])
-            self.unit[k][i] = self.unit[k][i] + c * float(gj[0]) * gi
-            self.unit[k][j] = self.unit[k][j] + c * float(gi[0]) * gj
+            self.unit[k][i] = self.unit[k][i] + c * b * (gi - a)
+            self.unit[k][j] = self.unit[k][j] + c * a * gj
             if edge.tables[k] is not None:
                 self.unit[k][i] = self.unit[k][i] + s * edge.tables[k][:, 0].astype(np.float64)
 
@@ -177,11 +209,23 @@ class _Costs:
         for i, j in self.plan.relaxed:
             a, b = idx[i], idx[j]
             gi, gj, edge = inst.grids[i], inst.grids[j], inst.edges[(i, j)]
+            ci, cj = self.corner[(i, j)]
             for k, s in enumerate(scale):
-                out[k] -= s * float(edge.coef[k]) * float(gi[a] - gi[0]) * float(gj[b] - gj[0])
+                out[k] -= s * float(edge.coef[k]) * float(gi[a] - gi[ci]) * float(gj[b] - gj[cj])
                 if edge.tables[k] is not None:
                     out[k] -= s * float(edge.tables[k][a, b] - edge.tables[k][a, 0])
         return out
+
+
+def _corner(inst: Instance, i: int, j: int, near: np.ndarray | None) -> tuple[int, int]:
+    """The box corner (choice indices) whose McCormick plane errs least at ``near`` (the lowest without it)."""
+    gi, gj = inst.grids[i], inst.grids[j]
+    if near is None:
+        return 0, 0
+    x, y = float(gi[near[i]]), float(gj[near[j]])
+    low = (x - gi[0]) * (y - gj[0])
+    high = (gi[-1] - x) * (gj[-1] - y)
+    return (len(gi) - 1, len(gj) - 1) if high < low else (0, 0)
 
 
 def _tie_mask(inst: Instance, i: int, j: int) -> np.ndarray:
@@ -340,6 +384,10 @@ class _Pruned(Exception):
     """Raised by a dual evaluation that proves its box cannot beat the incumbent."""
 
 
+class _TimeUp(Exception):
+    """Raised before a dual evaluation once the deadline has passed and the box already has a bound."""
+
+
 @dataclass
 class _Point:
     """One Lagrangian evaluation: the maximiser, its value and relaxed costs (in limits), and its bound."""
@@ -358,13 +406,18 @@ class _Point:
 class _Dual:
     """``D(lam) = sum(lam) + max_w V(w) - lam . load(w)`` over one box; every ``D(lam)`` bounds it."""
 
-    def __init__(self, inst: Instance, plan: _Plan, stop_at: float = -math.inf) -> None:
-        self.inst, self.plan, self.stop_at = inst, plan, stop_at
-        self.costs = _Costs(inst, plan)
-        self.bound = math.inf  # the smallest bound proved so far
+    def __init__(self, inst: Instance, plan: _Plan, stop_at: float = -math.inf, deadline: float = math.inf,
+                 parent: float = math.inf, near: np.ndarray | None = None) -> None:
+        self.inst, self.plan, self.stop_at, self.deadline = inst, plan, stop_at, deadline
+        self.costs = _Costs(inst, plan, near)
+        self.bound = parent  # the smallest bound proved so far (the parent's bounds its sub-box too)
         self.points: list[_Point] = []
 
     def __call__(self, lam: np.ndarray) -> _Point:
+        # one evaluation can take seconds on dense couplings: check the deadline between them, but only once
+        # a bound exists (the root's first evaluation always runs, so a bound is always reported)
+        if self.bound < math.inf and time.perf_counter() > self.deadline:
+            raise _TimeUp
         lam = np.maximum(np.asarray(lam, dtype=np.float64), 0.0)
         idx = _maximise(self.inst, self.plan, self.costs.weights(lam))
         value, load = self.inst.value(idx), self.costs.relaxed_costs(idx)
@@ -470,6 +523,15 @@ def _boxstep(dual: _Dual, lam: np.ndarray, known: list[np.ndarray], max_iter: in
     return best, max(others, key=lambda p: (p.over != best.over, -abs(p.bound - best.bound)))
 
 
+def _sides(points: list[_Point]) -> tuple[_Point | None, _Point | None]:
+    """Of an unfinished search: the point proving the smallest bound, and the best one on the other side."""
+    if not points:
+        return None, None
+    best = min(points, key=lambda p: p.bound)
+    others = [p for p in points if p.over != best.over]
+    return best, (min(others, key=lambda p: p.bound) if others else None)
+
+
 def _inside(lam: np.ndarray, low: np.ndarray, high: np.ndarray) -> bool:
     margin = 1e-9 * np.maximum(1.0, high)
     return bool(np.all(((lam > low + margin) | (low == 0)) & (lam < high - margin)))
@@ -529,6 +591,7 @@ class _BranchAndBound:
         """The best solution found and a valid upper bound on the optimum."""
         low, top = self.inst.lowest(), self.inst.highest()
         self._offer(low)  # the lowest widths always fit: an incumbent from the start
+        self._offer(self.local.complete(top))  # full widths trimmed to fit: a good one, where relaxations aim
         open_ = [self._evaluate(low, top, _initial_multipliers(self.inst), math.inf, [])]
         while open_ and not self._done(open_[0].bound) and time.perf_counter() < self.deadline:
             node = heapq.heappop(open_)
@@ -551,17 +614,22 @@ class _BranchAndBound:
         """Dual search on a box (warm-started by its parent's multiplier and maximisers); its points seed
         incumbents."""
         self.count += 1
-        dual = _Dual(self.inst.restrict(low, high), self.plan, self._threshold())
+        near = None if self.best is None else np.clip(self.best, low, high) - low
+        dual = _Dual(self.inst.restrict(low, high), self.plan, self._threshold(), self.deadline, parent, near)
         inside = [k - low for k in known if np.all(k >= low) and np.all(k <= high)]
         try:
             best, other = _dual_search(dual, lam, inside)
         except _Pruned:
             return _Node((-dual.bound, self.count), low, high, lam)
+        except _TimeUp:  # stopped early: the smallest bound proved so far, and incumbents from both sides
+            best, other = _sides(dual.points)
+            if best is None:
+                return _Node((-dual.bound, self.count), low, high, lam)
         for p in (best, other):
             if p is not None:
                 self._offer(self.local.complete(p.idx + low))
         found = [p.idx + low for p in dual.points[-_KNOWN:]]
-        return _Node((-min(dual.bound, parent), self.count), low, high, best.lam, best, other, found)
+        return _Node((-dual.bound, self.count), low, high, best.lam, best, other, found)
 
     def _offer(self, idx: np.ndarray) -> None:
         value = self.inst.value(idx)
