@@ -237,6 +237,19 @@ def test_exact_on_dense_coupling_returns_within_its_time_limit():
     assert sol.objective >= solve(p, "greedy").objective
 
 
+@pytest.mark.parametrize("n", [5, 8, 12])
+def test_the_relaxation_at_zero_multipliers_keeps_every_group_full(n):
+    """At ``lam = 0`` costs vanish, so the maximiser is every group at full width. Every coefficient is then 0, and
+    a message combining a table with such an edge once lost that neighbour's axis (an IndexError on rexnet_100)."""
+    from pruning.solvers.instance import reduce
+
+    inst = reduce(dense_problem(n, width=6, seed=n))
+    plan = exact_mod._plan(inst)
+    assert any(step.tables and len(step.scope) >= 2 for step in plan.steps)  # the case that broke
+    weights = exact_mod._Costs(inst, plan).weights(np.zeros(1))
+    np.testing.assert_array_equal(exact_mod._maximise(inst, plan, weights), inst.highest())
+
+
 def test_conjugate_matches_dense_maximum():
     rng = np.random.default_rng(0)
     x = np.cumsum(rng.integers(1, 4, size=300)).astype(float)

@@ -347,7 +347,8 @@ def _combine(inst: Instance, plan: _Plan, step: _Step, u: np.ndarray, tables, w:
             total = np.where(_expand(_oriented_mask(w, step.var, n), (step.var, n), full), -np.inf, total)
     for t in step.tables:
         total = total + _expand(tables[t], plan.scopes[t], full)
-    return total
+    # every axis at its full size, also where all factors along it vanish (zero multipliers)
+    return np.broadcast_to(total, [len(inst.grids[n]) for n in full])
 
 
 def _expand(table: np.ndarray, scope: tuple[int, ...], full: tuple[int, ...]) -> np.ndarray:
