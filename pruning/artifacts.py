@@ -68,7 +68,7 @@ def save_pruned(model: nn.Module, run_dir: str, base_model: str, img_size: int, 
     spec, weights, ckpt, onnx_path = (os.path.join(run_dir, f) for f in (SPEC, STATE_DICT, CHECKPOINT, ONNX))
     files, skipped = [], None
     try:
-        save_timm_format(model, spec, weights)
+        save_timm_format(model, spec, weights, base_model)
         files += [spec, weights]
     except SpecUnsupportedError as e:
         skipped = str(e)

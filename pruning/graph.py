@@ -97,6 +97,7 @@ class NodeUse:
         inputs: the fx names of the tensor inputs, in argument order.
         segmented: True when a tensor of the node holds several groups side by side (a concatenation); its
             ``in_groups`` then list every segment's group, flattened (so they no longer match ``inputs``).
+        channels_last: True when a tensor of the node holds its channels on a dim other than 1 (after a permute).
     """
 
     name: str
@@ -109,6 +110,7 @@ class NodeUse:
     output_shape: tuple[int, ...]
     inputs: tuple[str, ...] = ()
     segmented: bool = False
+    channels_last: bool = False
 
     @property
     def groups(self) -> tuple[str, ...]:
@@ -310,6 +312,10 @@ _BINARY_METHODS = {"add", "add_", "mul", "mul_", "sub", "sub_", "div", "div_"}
 _REDUCE = {torch.mean, torch.sum, torch.amax}
 _REDUCE_METHODS = {"mean", "sum", "amax"}
 _SPLITS = {torch.split: "split", torch.chunk: "chunk"}
+_POOLS = {F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d}
+# ops that act on each element (with the pointwise unary functions), so any dim may hold the channels
+_CHANNELS_LAST = _BINARY | {torch.permute}
+_CHANNELS_LAST_METHODS = _UNARY_METHODS | _BINARY_METHODS | {"permute"}
 _RESHAPE = {torch.flatten, torch.reshape}
 _RESHAPE_METHODS = {"flatten", "view", "reshape"}
 
@@ -367,6 +373,7 @@ class _Discovery:
         self.vectors: set[fx.Node] = set()  # per-channel parameters used directly
         self.sources: dict[int, str] = {}  # classes born outside a layer (parameters, opaque ops) -> their name
         self.pieces: dict[fx.Node, list[int]] = {}  # a split node -> the class of each tensor it returns
+        self.cdims: dict[fx.Node, int] = {}  # tensors whose channels are not on dim 1 (channels last) -> their dim
         self.cuts: list[tuple[str, str, list[int | None]]] = []  # (module, node, part classes) with held sizes
 
     def run(self) -> None:
@@ -382,10 +389,38 @@ class _Discovery:
             if any(a in self.opaque_tuples for a in _flatten_nodes((node.args, node.kwargs))):
                 raise UnsupportedLayerError(f"{_where(node)} reads a piece of an unmodelled operation's output")
             self._check_operands(node)
+            self._check_channels_last(node)
             if _returns_several_tensors(node) and self._channel_inputs(node):
                 self._on_channel_split(node)
                 return
         getattr(self, f"_on_{node.op}")(node)
+
+    def cdim(self, node: fx.Node) -> int:
+        """The dim holding ``node``'s channels (1 unless a permute moved them)."""
+        return self.cdims.get(node, 1)
+
+    def _set_cdim(self, node: fx.Node, dim: int) -> None:
+        rank = len(_shape(node))
+        if dim % rank != 1:
+            self.cdims[node] = dim % rank
+
+    def _check_channels_last(self, node: fx.Node) -> None:
+        """On a channels-last tensor (after ``permute``) only permute, pointwise and elementwise ops, and layers
+        whose rule reads the last dim (``nn.Linear``, ``nn.LayerNorm``) are modelled: the others assume dim 1."""
+        moved = [a for a in self._channel_inputs(node) if self.cdim(a) != 1]
+        if not moved:
+            return
+        if node.op == "call_module":
+            rule = find_rule(self.modules[node.target])
+            ok = rule is not None and rule.channel_dim(self.modules[node.target]) != 1
+        else:
+            ok = (node.target in _CHANNELS_LAST_METHODS if node.op == "call_method"
+                  else node.target in _CHANNELS_LAST or node.target in self.unary - _POOLS)
+        if not ok:
+            raise UnsupportedLayerError(
+                f"{_where(node)} runs on a channels-last tensor (channels on dim {self.cdim(moved[0])}); there only "
+                "permute, pointwise activations, elementwise arithmetic and layers reading the last dim (Linear, "
+                "LayerNorm) are modelled")
 
     def _opaque(self, node: fx.Node) -> bool:
         """An operation discovery does not model, inside a protected module: its inputs and outputs keep every
@@ -525,8 +560,13 @@ class _Discovery:
             raise UnsupportedLayerError(f"module {node.target!r} is called more than once; shared layers are not supported")
         self.seen_modules.add(node.target)
         out_shape = _shape(node)
+        dim = rule.channel_dim(module)
+        if dim is not None and dim % len(out_shape) != self.cdim(src):
+            raise UnsupportedLayerError(f"module {node.target!r} ({type(module).__name__}) reads channels on dim {dim}, "
+                                        f"but its input {_shape(src)} has them on dim {self.cdim(src)}")
+        self._set_cdim(node, self.cdim(src) if dim is None else dim)
         if cmap is ChannelMap.MIX:
-            out_c = self.classes.new(out_shape[1])
+            out_c = self.classes.new(out_shape[self.cdim(node)])
             for c in (out_c, self.chan[src]):  # a grouped conv keeps its groups on both sides
                 self.classes.split_into(c, rule.blocks(module), f"module {node.target!r}")
             self.layers.append((node.target, cmap, out_c, self.chan[src], rule.cost(module, out_shape)))
@@ -560,6 +600,8 @@ class _Discovery:
         where = _where(node)
         if target in (_BINARY_METHODS if is_method else _BINARY):
             return self._broadcast(node, tensor_inputs, where)
+        if target == "permute" if is_method else target is torch.permute:
+            return self._permute(node, tensor_inputs, where)
         if target in (_UNARY_METHODS if is_method else self.unary):
             return self._passthrough(node, tensor_inputs, where)
         if target in (_REDUCE_METHODS if is_method else _REDUCE):
@@ -579,6 +621,15 @@ class _Discovery:
             "along the channel dim, and layers with a registered rule. To keep its "
             "channels whole instead, protect the module it runs in (model.protected=[..., 'that.module'])."
         )
+
+    def _permute(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
+        """``x.permute(0, 2, 3, 1)`` and back: the channels move to another dim (ConvNeXt's channels-last MLP)."""
+        dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        dims = [d % len(dims) for d in dims]
+        if dims[0] != 0:
+            raise UnsupportedLayerError(f"{where} permutes the batch dim ({tuple(dims)}); not supported")
+        self.chan[node] = self.chan[inputs[0]]
+        self._set_cdim(node, dims.index(self.cdim(inputs[0])))
 
     def _concat(self, node: fx.Node, where: str) -> None:
         """``torch.cat`` along the channel dim: the output's channels are the inputs' segments, in order. Along
@@ -635,28 +686,33 @@ class _Discovery:
     def _passthrough(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
         if len(inputs) != 1:
             raise UnsupportedLayerError(f"{where}: expected one tensor input, got {len(inputs)}")
+        self._set_cdim(node, self.cdim(inputs[0]))
         self._check_channels_kept(inputs[0], node, where)
         self.chan[node] = self.chan[inputs[0]]
 
     def _broadcast(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
         out_shape = _shape(node)
-        tied = None
+        tied, dims = None, set()
         for a in inputs:
             shape = _shape(a)
             if len(shape) == 0 or math.prod(shape) == 1:
                 continue  # a scalar tensor scales every channel alike
             if len(shape) != len(out_shape):
                 raise UnsupportedLayerError(f"{where}: operand of rank {len(shape)} broadcast to rank {len(out_shape)}")
-            if shape[1] == 1:
+            dims.add(self.cdim(a))
+            if shape[self.cdim(a)] == 1:
                 continue  # broadcast over channels: does not tie them
             tied = self.chan[a] if tied is None else self.classes.union(tied, self.chan[a], where)
         if tied is None:
             raise UnsupportedLayerError(f"{where}: no operand carries the output's channels")
+        if len(dims) > 1:
+            raise UnsupportedLayerError(f"{where} combines tensors with channels on dims {sorted(dims)}")
+        self._set_cdim(node, dims.pop())
         self.chan[node] = tied
 
     def _check_channels_kept(self, src: fx.Node, node: fx.Node, where: str) -> None:
         a, b = _shape(src), _shape(node)
-        if len(a) < 2 or len(b) < 2 or a[1] != b[1]:
+        if len(a) < 2 or len(b) < 2 or a[self.cdim(src)] != b[self.cdim(node)]:
             raise UnsupportedLayerError(f"{where} changes the channel dim from {a} to {b}; it must keep it")
 
     def _check_reduce_dims(self, node: fx.Node, where: str) -> None:
@@ -738,6 +794,7 @@ def _node_uses(d: _Discovery) -> list[NodeUse]:
             inputs=tuple(a.name for a in inputs),
             segmented=len(out_leaves) > 1 or any(len(ls) > 1 for ls in in_leaves)
             or any(a in d.pieces for a in _flatten_nodes(node.args)),  # a piece of a split
+            channels_last=any(n in d.cdims for n in (node, *inputs)),
         ))
     return uses
 

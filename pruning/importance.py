@@ -30,6 +30,7 @@ from ._registry import Registry
 from .data import take_images
 from .errors import UserInputError
 from .graph import ChannelGraph
+from .layers import find_rule
 
 Scores = dict[str, torch.Tensor]
 Batches = Iterable[tuple[torch.Tensor, torch.Tensor]]
@@ -206,6 +207,7 @@ class TaylorActivationImportance(_DataImportance):
         modules = dict(model.named_modules())
         names = list(dict.fromkeys(n for _, n, _ in pairs))
         sums = {n: torch.zeros(modules[n].weight.shape[0], dtype=torch.float64) for n in names}
+        last = {n for n in names if find_rule(modules[n]).channel_dim(modules[n]) == -1}  # Linear: channels last
         outputs: dict[str, torch.Tensor] = {}
         handles = [modules[n].register_forward_hook(self._capture(outputs, n)) for n in names]
         count = torch.zeros((), dtype=torch.float64)
@@ -213,7 +215,7 @@ class TaylorActivationImportance(_DataImportance):
             for images, labels in batches:
                 outputs.clear()
                 loss = _cross_entropy_sum(model, images, labels)
-                self._accumulate(sums, outputs, loss)
+                self._accumulate(sums, outputs, loss, last)
                 count += len(images)
         finally:
             for h in handles:
@@ -229,12 +231,14 @@ class TaylorActivationImportance(_DataImportance):
         return hook
 
     @staticmethod
-    def _accumulate(sums: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], loss: torch.Tensor) -> None:
+    def _accumulate(sums: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor], loss: torch.Tensor,
+                    last: set[str]) -> None:
         names = [n for n, o in outputs.items() if o.requires_grad]
         # autograd.grad, not backward: parameters' .grad stay untouched
         grads = torch.autograd.grad(loss, [outputs[n] for n in names])
         for n, g in zip(names, grads):
             prod = outputs[n].detach() * g
+            prod = prod.movedim(-1, 1) if n in last else prod
             prod = prod.flatten(2).mean(2) if prod.dim() > 2 else prod
             sums[n] += prod.abs().sum(0).double().cpu()
 

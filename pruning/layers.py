@@ -62,6 +62,12 @@ class LayerRule:
         """Why the channels this layer sees can never be pruned exactly, or None (most layers)."""
         return None
 
+    def channel_dim(self, module: nn.Module) -> int | None:
+        """The dim holding the channels this layer reads and writes: 1 (channels first: convs, batch norm), -1
+        (the last: ``nn.Linear``, ``nn.LayerNorm``, which also run on channels-last tensors), or None (any dim:
+        pointwise activations)."""
+        return 1
+
     def blocks(self, module: nn.Module) -> int:
         """Into how many equal contiguous blocks this layer splits its input and output channels, each block
         keeping as many channels as every other (a grouped conv's groups: pruning keeps the groups)."""
@@ -171,6 +177,9 @@ class LinearRule(LayerRule):
     def channel_map(self, module: nn.Linear) -> ChannelMap:
         return ChannelMap.MIX
 
+    def channel_dim(self, module: nn.Linear) -> int:
+        return -1
+
     def cost(self, module: nn.Linear, output_shape: Sequence[int]) -> LayerCost:
         # rows per sample: 1 for a classifier on pooled features; batch dim is excluded by the caller
         rows = math.prod(output_shape[1:-1])
@@ -197,48 +206,68 @@ class BatchNormRule(LayerRule):
         module.num_features = len(idx)
 
 
+@register_rule(nn.LayerNorm)
+class ChannelNormRule(LayerRule):
+    """A norm whose statistics run over the channels: ``nn.LayerNorm`` on channels-last tensors (ConvNeXt's
+    ``permute -> LayerNorm -> Linear``), timm's ``LayerNorm2d`` on channels-first ones. Every output channel
+    depends on all of them, so removing any changes the kept ones too: the group stays whole (exactness first),
+    and the layers around it (ConvNeXt's MLP hidden widths) are pruned."""
+
+    def channel_dim(self, module: nn.LayerNorm) -> int:
+        if len(module.normalized_shape) != 1:
+            raise UnsupportedLayerError(f"normalises over {len(module.normalized_shape)} dims, not the channels alone")
+        return -1
+
+    def fixes_channels(self, module: nn.Module) -> str | None:
+        return f"{type(module).__name__} normalises over these channels: removing any would change the others"
+
+    def cost(self, module: nn.Module, output_shape: Sequence[int]) -> LayerCost:
+        return LayerCost(params_per_out=2 if module.elementwise_affine else 0)
+
+    def prune_out(self, module: nn.Module, idx: torch.Tensor) -> None:
+        for name in ("weight", "bias"):
+            _replace_param(module, name, idx, 0)
+        module.normalized_shape = (len(idx),)
+
+
 def _register_channel_norms() -> None:
     from timm.layers import LayerNorm2d
 
     @register_rule(LayerNorm2d)
-    class ChannelNormRule(LayerRule):
-        """A norm whose statistics run over the channels (ConvNeXt's LayerNorm2d): every output channel depends
-        on all of them, so removing any changes the kept ones too; the group stays whole (exactness first), and
-        the layers around it (ConvNeXt's MLP hidden widths) are pruned."""
-
-        def fixes_channels(self, module: nn.Module) -> str | None:
-            return f"{type(module).__name__} normalises over these channels: removing any would change the others"
-
-        def cost(self, module: nn.Module, output_shape: Sequence[int]) -> LayerCost:
-            return LayerCost(params_per_out=2 if module.elementwise_affine else 0)
-
-        def prune_out(self, module: nn.Module, idx: torch.Tensor) -> None:
-            for name in ("weight", "bias"):
-                _replace_param(module, name, idx, 0)
-            module.normalized_shape = (len(idx),)
+    class ChannelsFirstNormRule(ChannelNormRule):
+        def channel_dim(self, module: nn.Module) -> int:
+            return 1
 
 
 _register_channel_norms()
 
 
-def _elementwise_types() -> list[type]:
-    """Parameter-free modules that act on each channel independently (activations, dropout, pooling)."""
+def _pointwise_types() -> list[type]:
+    """Parameter-free modules that act on each element alone (activations, dropout): any dim may hold channels."""
     import timm.layers as tl
     import timm.layers.activations as ta
 
     types = [
         nn.Identity, nn.ReLU, nn.ReLU6, nn.SiLU, nn.GELU, nn.Hardswish, nn.Hardsigmoid, nn.Sigmoid, nn.Tanh,
-        nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Dropout, nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d,
-        nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten, tl.DropPath,
+        nn.LeakyReLU, nn.ELU, nn.Mish, nn.Softplus, nn.Dropout, tl.DropPath,
     ]
     names = ["GELU", "GELUTanh", "HardMish", "HardSigmoid", "HardSwish", "Mish", "QuickGELU", "Sigmoid", "Swish", "Tanh"]
     types += [getattr(ta, n) for n in names if hasattr(ta, n)]
     return types
 
 
-@register_rule(*_elementwise_types())
+@register_rule(nn.Dropout2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d, nn.Flatten)
 class ElementwiseRule(LayerRule):
-    """Parameter-free, channel-preserving modules. The graph checks that the channel dim keeps its size."""
+    """Parameter-free, channel-preserving modules (pooling, channel dropout) on channels-first tensors. The graph
+    checks that the channel dim keeps its size."""
+
+
+@register_rule(*_pointwise_types())
+class PointwiseRule(ElementwiseRule):
+    """Parameter-free modules acting on each element alone: they run on channels-first or channels-last tensors."""
+
+    def channel_dim(self, module: nn.Module) -> None:
+        return None
 
 
 def _check_pool(module: nn.Module) -> None:

@@ -116,15 +116,39 @@ def adapt_to_spec(model: nn.Module, spec: str) -> nn.Module:
     return adapt_model_from_string(model, spec)
 
 
-def save_timm_format(model: nn.Module, spec_path: str, state_dict_path: str) -> None:
+def save_timm_format(model: nn.Module, spec_path: str, state_dict_path: str, base_model: str | None = None) -> None:
     """Write ``model`` as a timm spec file and a state_dict file, each atomically.
 
+    Args:
+        model: the pruned model.
+        spec_path, state_dict_path: where to write.
+        base_model: the timm name it was cut from: timm's adapter is then run on a fresh one, and the spec is
+            written only if it rebuilds every layer at the pruned shape (the adapter resizes convs, norms and the
+            classifier's input, not a hidden ``Linear``'s outputs: ConvNeXt's MLP).
+
     Raises:
-        SpecUnsupportedError: the model has removed blocks, grouped convs or resized channel splits; nothing is written.
+        SpecUnsupportedError: the model has removed blocks, grouped convs or resized channel splits, or timm's
+            adapter would rebuild a layer at another shape; nothing is written.
     """
     check_spec_expressible(model)
-    atomic_write_text(spec_path, spec_from_model(model) + "\n")
+    spec = spec_from_model(model)
+    if base_model is not None:
+        _check_adapter_rebuilds(model, base_model, spec)
+    atomic_write_text(spec_path, spec + "\n")
     atomic_torch_save({k: v.detach().cpu() for k, v in model.state_dict().items()}, state_dict_path)
+
+
+def _check_adapter_rebuilds(model: nn.Module, base_model: str, spec: str) -> None:
+    import timm
+
+    rebuilt = adapt_to_spec(timm.create_model(base_model), spec).state_dict()
+    wrong = next((k for k, v in model.state_dict().items() if k in rebuilt and rebuilt[k].shape != v.shape), None)
+    if wrong is not None:
+        raise SpecUnsupportedError(
+            f"timm's pruned-spec adapter rebuilds {wrong!r} at {list(rebuilt[wrong].shape)}, not at the pruned "
+            f"{list(model.state_dict()[wrong].shape)} (it resizes convs, norms and the classifier's input only), so no "
+            "timm-format files were written. pruned_checkpoint.pth (load it with pruning.artifacts.load_pruned) and "
+            "the ONNX file hold this model.")
 
 
 def load_timm_format(base_model: str, spec_path: str, state_dict_path: str) -> nn.Module:

@@ -51,8 +51,8 @@ NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)
 
 @torch.no_grad()
 def randomize_norms_and_biases(model: nn.Module, seed: int = 0, img_size: int = 64) -> nn.Module:
-    """Give every norm layer random affine parameters and running statistics and every layer bias a random
-    value, in place. A fresh timm model has gamma 1, beta 0, mean 0, var 1 and zero biases, under which a
+    """Give every norm layer random affine parameters and running statistics, every layer bias and every layer
+    scale (``gamma``) a random value, in place. A fresh timm model has gamma 1, beta 0, mean 0, var 1 and zero biases, under which a
     norm or bias sliced with the wrong indices computes the same thing: tests of slicing could not see it.
 
     The running statistics are first measured on random images (so activations keep their scale through a
@@ -66,6 +66,9 @@ def randomize_norms_and_biases(model: nn.Module, seed: int = 0, img_size: int = 
             m.bias.copy_(uniform(m.bias, -0.2, 0.2))
         elif isinstance(m, (nn.Conv2d, nn.Linear)) and m.bias is not None:
             m.bias.copy_(uniform(m.bias, -0.2, 0.2))
+    for name, p in model.named_parameters():  # layer scales (ConvNeXt's gamma starts at 1e-6: the branch vanishes)
+        if name.rsplit(".", 1)[-1] == "gamma" and p.dim() == 1:
+            p.copy_(uniform(p, 0.5, 1.5))
     _measure_running_stats(model, [m for m in norms if getattr(m, "running_var", None) is not None], img_size, gen)
     for m in norms:
         if getattr(m, "running_var", None) is not None:

@@ -1,6 +1,6 @@
 """timm CNNs beyond EfficientNet: grouped convolutions (RegNet, ResNeXt), channel norms with layer scale
-(ConvNeXt), channel concatenation (DenseNet, GhostNet) and channel splits and slices (MixNet's grouped kernels,
-ReXNet's partial residual, CSP's partial blocks) are pruned exactly.
+(ConvNeXt, channels first and last), channel concatenation (DenseNet, GhostNet) and channel splits and slices
+(MixNet's grouped kernels, ReXNet's partial residual, CSP's partial blocks) are pruned exactly.
 
 Each model, at a small resolution, with random weights and random norm statistics: a random pruning equals the
 masked original; a searched 0.6 MACs budget is met within 0.995-1.0; the pruned model reloads from its
@@ -22,11 +22,13 @@ from pruning.importance import create_importance
 from pruning.layers import UnsupportedLayerError, is_grouped
 from pruning.search import search
 from pruning.splits import resized_modules
+from pruning.timm_spec import load_timm_format
 
 GROUPED = ["regnetx_002", "resnext26ts"]
 CONCAT = ["densenet121", "ghostnet_100"]  # channel concatenation (issue 16)
 SPLIT = ["mixnet_s", "rexnet_100", "cs3darknet_s", "cspresnet50"]  # channel splits and slices at held sizes
-MODELS = [*GROUPED, "convnext_atto", *CONCAT, *SPLIT]
+CONVNEXT = ["convnext_atto", "convnext_tiny"]  # LayerNorm2d; permute -> LayerNorm -> Linear (channels last)
+MODELS = [*GROUPED, *CONVNEXT, *CONCAT, *SPLIT]
 
 
 def _images(n=2):
@@ -79,6 +81,10 @@ def test_a_searched_budget_is_met_and_the_model_reloads(model_cache, graph_of, n
     reloaded, _ = load_pruned(str(tmp_path / "pruned_checkpoint.pth"), model, name)
     with torch.no_grad():
         assert _close(reloaded(_images()), result.pruned.eval()(_images()))
+    if not skipped:  # a timm spec is written only when timm's adapter rebuilds this very model
+        in_timm = load_timm_format(name, str(tmp_path / "pruned_spec.txt"), str(tmp_path / "pruned.pth"))
+        with torch.no_grad():
+            assert _close(in_timm(_images()), result.pruned(_images()))
 
 
 def test_unequal_counts_per_group_are_refused(model_cache, graph_of):
@@ -88,10 +94,11 @@ def test_unequal_counts_per_group_are_refused(model_cache, graph_of):
         prune_model(model_cache("resnext26ts"), graph, {group.name: [0]})
 
 
-def test_channel_norms_and_layer_scale_keep_the_stream_whole(graph_of):
-    """ConvNeXt: LayerNorm2d normalises over the stream's channels and gamma scales them, so only the MLP hidden
-    widths are pruned; each fixed group says why."""
-    graph = graph_of("convnext_atto")
+@pytest.mark.parametrize("name", CONVNEXT)
+def test_channel_norms_and_layer_scale_keep_the_stream_whole(graph_of, name):
+    """ConvNeXt: LayerNorm2d (atto) or a channels-last LayerNorm (tiny) normalises over the stream's channels and
+    gamma scales them, so only the MLP hidden widths are pruned; each fixed group says why."""
+    graph = graph_of(name)
     assert {g.name.rsplit(".", 1)[-1] for g in graph.prunable_groups()} == {"fc1"}
     reasons = " ".join(g.reason for g in graph.groups.values() if not g.prunable)
     assert "gamma" in reasons or "normalises over these channels" in reasons
@@ -121,3 +128,13 @@ def test_concatenated_or_split_channels_are_refused_by_latency_tables(model_cach
     assert any(u.segmented for u in graph.nodes)
     with pytest.raises(UnsupportedLayerError, match="concatenated or split channels"):
         profile_latency(model_cache(name), graph, align=8, progress=False)
+
+
+def test_channels_last_tensors_are_refused_by_latency_tables(model_cache, graph_of):
+    """The profiler resizes dim 1 of every tensor it times: channels-last nodes are refused before any work."""
+    from pruning.latency import profile_latency
+
+    graph = graph_of("convnext_tiny")
+    assert any(u.channels_last for u in graph.nodes)
+    with pytest.raises(UnsupportedLayerError, match="channels-last"):
+        profile_latency(model_cache("convnext_tiny"), graph, align=8, progress=False)

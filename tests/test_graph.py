@@ -274,6 +274,7 @@ class _Net(nn.Module):
         self.relu6, self.drop = nn.ReLU6(), nn.Dropout(0.5)
         self.max_pool, self.amax_pool = nn.MaxPool2d(2), nn.AdaptiveMaxPool2d(2)
         self.halves, self.twice, self.split_at = _Halves(), _Twice(), _SplitAt([4, 4])
+        self.ln, self.fc1, self.fc2 = nn.LayerNorm(8), nn.Linear(8, 6), nn.Linear(6, 8)  # channels-last MLP
         self.head = nn.Conv2d(head_in, 2, 1)
 
     def forward(self, x):
@@ -381,6 +382,11 @@ class _SplitAtRule(SplitRule):
         assert cuts[1][1] == cuts[0][1]  # the slice [sizes[0]:] is the split's second part
 
 
+def _channels_last_mlp(m, x, y):  # ConvNeXt's block: permute -> LayerNorm -> Linear -> GELU -> Linear -> permute
+    z = m.fc2(F.gelu(m.fc1(m.ln(y.permute(0, 2, 3, 1)))))
+    return y + z.permute(0, 3, 1, 2)
+
+
 def _split_with_rule(m, x, y):
     a, b, c = m.split_at(y)  # c (the slice) is b
     return torch.cat([m.b(x) * a, m.bn(torch.cat([c, b], 1))], 1)
@@ -437,6 +443,9 @@ _PRUNES = {  # every op the discovery models, each in a small model: pruning mus
     "cat_along_space": lambda m, x, y: torch.cat([y, m.c(y)], 2),
     "split_along_space": lambda m, x, y: torch.cat(torch.split(m.c(y), 4, dim=2), 2) * y,
     "split_at_sizes_held_by_a_module_with_a_rule": _split_with_rule,
+    "channels_last_mlp": _channels_last_mlp,
+    "channels_last_mlp_torch_permute_residual": lambda m, x, y: torch.permute(
+        m.fc2(F.gelu(m.fc1(torch.permute(m.c(y), (0, 2, 3, 1))))) + torch.permute(y, (0, 2, 3, 1)), (0, 3, 1, 2)),
 }
 _HEADS = {  # pooled heads: mean, pool + flatten/view/reshape into a linear layer
     "mean_linear": lambda m, y: y.mean((2, 3)),
@@ -448,7 +457,8 @@ _HEADS = {  # pooled heads: mean, pool + flatten/view/reshape into a linear laye
 }
 _HEAD_IN = {"chunk": 4, "chunk_method": 4, "split_at_sizes_held_by_a_module_with_a_rule": 12, "split": 4, "tensor_split": 4, "unbind": 4, "slice_halves_module": 4, "cat": 12,
             "cat_neg_dim_full_slice": 16, "partial_channel_slice": 4,
-            "split_at_a_computed_size": 4, "slice_at_a_computed_bound": 4, "strided_channel_slice": 4}
+            "split_at_a_computed_size": 4, "slice_at_a_computed_bound": 4, "strided_channel_slice": 4,
+            "pool_on_channels_last": 4}
 _RAISES = {
     "split": _split, "tensor_split": _tensor_split, "unbind": _unbind,
     "unmodelled_operand": _unmodelled_operand,
@@ -458,6 +468,11 @@ _RAISES = {
     "split_at_a_computed_size": lambda m, x, y: (lambda p: p[0] * p[1])(y.split(y.shape[1] // 2, dim=1)),
     "slice_at_a_computed_bound": lambda m, x, y: y[:, :y.shape[1] // 2],
     "strided_channel_slice": lambda m, x, y: y[:, ::2],
+    "pool_on_channels_last": lambda m, x, y: F.avg_pool2d(y.permute(0, 2, 3, 1), 2).permute(0, 3, 1, 2),
+    "conv_on_channels_last": lambda m, x, y: m.c(y.permute(0, 3, 1, 2)),
+    "batch_norm_on_channels_last": lambda m, x, y: m.bn(y.permute(0, 2, 3, 1)).permute(0, 3, 1, 2),
+    "channels_last_mixed_with_first": lambda m, x, y: (y.permute(0, 2, 3, 1) + y.permute(0, 2, 1, 3)).permute(0, 3, 1, 2),
+    "permute_the_batch": lambda m, x, y: y.permute(1, 0, 2, 3).permute(1, 0, 2, 3),
     "cat_along_batch": lambda m, x, y: torch.cat([y, y], 0),
 }
 

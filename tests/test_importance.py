@@ -79,6 +79,25 @@ def test_taylor_activation_formula(setup):
     torch.testing.assert_close(scores[group].float(), expected.detach(), rtol=1e-4, atol=1e-12)
 
 
+def test_taylor_activation_of_a_channels_last_linear_averages_over_space():
+    """ConvNeXt's MLP runs on channels-last features: a Linear's channels are on the last dim, not dim 1."""
+    torch.manual_seed(0)
+    model = create_model("convnext_tiny").eval()
+    graph = build_channel_graph(model, SIZE)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(4, 3, SIZE, SIZE, generator=gen), torch.randint(0, 1000, (4,), generator=gen)
+    scores = _score("taylor_activation", model, graph, [(x, y)])
+    group, fc1 = "stages.1.blocks.0.mlp.fc1", model.stages[1].blocks[0].mlp.fc1
+    captured = {}
+    h = fc1.register_forward_hook(lambda m, i, o: captured.setdefault("a", o))
+    loss = F.cross_entropy(model(x), y, reduction="sum")
+    h.remove()
+    (g,) = torch.autograd.grad(loss, captured["a"])
+    assert captured["a"].dim() == 4 and captured["a"].shape[-1] == fc1.out_features  # (N, H, W, C)
+    expected = (captured["a"] * g).mean((1, 2)).abs().mean(0)
+    torch.testing.assert_close(scores[group].float(), expected.detach(), rtol=1e-4, atol=1e-12)
+
+
 def test_num_images_limits_the_data(setup):
     model, graph, x, y = setup
     limited = _score("taylor_weight", model, graph, [(x[:4], y[:4]), (x[4:], y[4:])], num_images=6)

@@ -12,7 +12,8 @@ from pruning import CostModel, build_channel_graph, prune_model, prune_to_widths
 from pruning.count import Count, count_model
 from pruning.paper import PAPER_CONFIGS, paper_widths
 from pruning.timm_spec import (
-    load_timm_format, parse_spec, save_timm_format, spec_from_model, timm_shipped_spec, widths_from_spec,
+    SpecUnsupportedError, load_timm_format, parse_spec, save_timm_format, spec_from_model, timm_shipped_spec,
+    widths_from_spec,
 )
 
 
@@ -34,6 +35,21 @@ def test_round_trip_with_timm_alone(model_cache, tmp_path, name):
         assert torch.equal(rebuilt(x), pruned(x))
     assert torch.equal(load_timm_format(name, tmp_path / "pruned_spec.txt", tmp_path / "pruned.pth")(x), pruned(x))
     assert not list(tmp_path.glob(".tmp-*"))  # atomic writes leave no temp files
+
+
+def test_a_spec_timms_adapter_would_rebuild_at_other_shapes_is_not_written(model_cache, tmp_path):
+    """timm's adapter resizes convs, norms and the classifier's input, not a hidden Linear's outputs (ConvNeXt's
+    channels-last MLP): such a model gets no spec, and the reason names the layer."""
+    model = model_cache("convnext_tiny")
+    graph = build_channel_graph(model, SMALL)
+    fc1 = "stages.0.blocks.0.mlp.fc1"
+    pruned = prune_model(model, graph, {fc1: list(range(100))})
+    with pytest.raises(SpecUnsupportedError, match=rf"rebuilds '{fc1}.weight' at \[384, 96\], not at the pruned \[100, 96\]"):
+        save_timm_format(pruned, tmp_path / "pruned_spec.txt", tmp_path / "pruned.pth", "convnext_tiny")
+    assert not list(tmp_path.iterdir())
+    stream = prune_model(model_cache("efficientnet_b0"), build_channel_graph(model_cache("efficientnet_b0"), SMALL),
+                         {"blocks.2.0.conv_pwl": list(range(30))})
+    save_timm_format(stream, tmp_path / "pruned_spec.txt", tmp_path / "pruned.pth", "efficientnet_b0")  # expressible
 
 
 @pytest.mark.parametrize("budget", list(PAPER_CONFIGS))

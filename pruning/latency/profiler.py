@@ -155,6 +155,11 @@ def check_profilable(graph: ChannelGraph) -> None:
             f"latency tables do not support concatenated or split channels: node {use.name!r} ({use.target}) of "
             f"{graph.model_name} uses {len(use.groups)} channel groups side by side; limit MACs or parameters instead "
             "(budget.limits)")
+    use = next((u for u in graph.nodes if u.channels_last), None)
+    if use is not None:  # the profiler resizes dim 1 of every tensor it times
+        raise UnsupportedLayerError(
+            f"latency tables do not support channels-last tensors: node {use.name!r} ({use.target}) of "
+            f"{graph.model_name} has its channels on the last dim; limit MACs or parameters instead (budget.limits)")
 
 
 def _uniform_widths(grids: Mapping[str, tuple[int, ...]], full: Mapping[str, int], fraction: float,
