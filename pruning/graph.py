@@ -412,7 +412,10 @@ class _Discovery:
             return
         if node.op == "call_module":
             rule = find_rule(self.modules[node.target])
-            ok = rule is not None and rule.channel_dim(self.modules[node.target]) != 1
+            try:
+                ok = rule is not None and rule.channel_dim(self.modules[node.target]) != 1
+            except UnsupportedLayerError:
+                ok = True  # _on_call_module refuses it, naming the module
         else:
             ok = (node.target in _CHANNELS_LAST_METHODS if node.op == "call_method"
                   else node.target in _CHANNELS_LAST or node.target in self.unary - _POOLS)
@@ -552,7 +555,7 @@ class _Discovery:
             )
         src = self._single_input(node, f"module {node.target!r}")
         try:
-            cmap = rule.channel_map(module)
+            cmap, dim = rule.channel_map(module), rule.channel_dim(module)
         except UnsupportedLayerError as e:
             raise UnsupportedLayerError(f"module {node.target!r} ({type(module).__name__}): {e}") from None
         has_params = any(True for _ in module.parameters(recurse=True))
@@ -560,7 +563,6 @@ class _Discovery:
             raise UnsupportedLayerError(f"module {node.target!r} is called more than once; shared layers are not supported")
         self.seen_modules.add(node.target)
         out_shape = _shape(node)
-        dim = rule.channel_dim(module)
         if dim is not None and dim % len(out_shape) != self.cdim(src):
             raise UnsupportedLayerError(f"module {node.target!r} ({type(module).__name__}) reads channels on dim {dim}, "
                                         f"but its input {_shape(src)} has them on dim {self.cdim(src)}")

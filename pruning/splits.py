@@ -16,11 +16,14 @@ cuts and no rule is refused when the graph is built, naming the module; protecti
 """
 from __future__ import annotations
 
-from typing import Callable, Mapping
+from typing import TYPE_CHECKING, Callable, Mapping
 
 from torch import nn
 
 from ._registry import TypeRegistry
+
+if TYPE_CHECKING:
+    from .graph import ChannelGraph
 
 RESIZED = "_pruning_resized_cuts"  # marks a module whose cut sizes changed (timm's spec adapter would lose them)
 
@@ -53,7 +56,7 @@ def find_split_rule(module: nn.Module) -> SplitRule | None:
     return SPLIT_RULES.find(module)
 
 
-def resize_cuts(model: nn.Module, graph, widths: Mapping[str, int]) -> None:
+def resize_cuts(model: nn.Module, graph: ChannelGraph, widths: Mapping[str, int]) -> None:
     """Give every module whose cuts changed its new sizes (``widths``: group -> pruned width, all groups)."""
     sizes: dict[str, list[tuple[int, ...]]] = {}
     changed = set()
