@@ -175,10 +175,13 @@ def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], fl
                       gap_tol: float = 1e-6, iterations: int = 4, margin: float = 0.99,
                       solver_options: Mapping[str, Any] | None = None) -> tuple[Solution, list[dict]]:
     """Solve, measure the solution on the device, and while the measurement exceeds ``allowed``, lower the
-    limit of ``cost_name`` by the measured excess and solve again.
+    limit of ``cost_name`` and solve again: by the measured excess at first, then along the line through the
+    last two (predicted, measured) points.
 
     A latency table predicts, it does not measure: the optimiser also favours the widths the table happens to
-    under-predict. Measuring the chosen model closes that loop on the hardware the user pays for.
+    under-predict. Measuring the chosen model closes that loop on the hardware the user pays for. Latency has a
+    part that does not shrink with the widths (framework overhead, measured ~0.3-0.5 of a small model's), so
+    proportional steps alone approach the limit slowly; the line through two measurements accounts for it.
 
     Args:
         problem: the problem, with a constraint on ``cost_name``.
@@ -200,7 +203,7 @@ def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], fl
                         "allowed": allowed, "met": measured <= allowed})
         if measured <= allowed or i + 1 == iterations:
             break
-        tighter = replace(limit, limit=limit.limit * allowed / measured * margin)
+        tighter = replace(limit, limit=_next_limit(history, limit.limit, margin))
         problem = replace(problem, constraints=[tighter if c is limit else c for c in problem.constraints])
         try:
             solution = solve(problem, solver, time_limit, gap_tol, **(solver_options or {}))
@@ -208,6 +211,22 @@ def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], fl
             history.append({"limit": tighter.limit, "stopped": str(e)})
             break
     return solution, history
+
+
+def _next_limit(history: list[dict], limit: float, margin: float) -> float:
+    """The next limit of the measured cost: proportional to the excess, or, from two measurements on, where the
+    line through the last two meets ``margin * allowed`` (never above the proportional step, never below half
+    of it: a noisy slope must not throw the limit far off)."""
+    last = history[-1]
+    proportional = limit * last["allowed"] / last["measured"] * margin
+    if len(history) < 2:
+        return proportional
+    before = history[-2]
+    slope = (last["measured"] - before["measured"]) / (last["predicted"] - before["predicted"] or float("nan"))
+    if not slope > 0:  # noise, or a flat stretch: no line to follow
+        return proportional
+    secant = last["predicted"] + (margin * last["allowed"] - last["measured"]) / slope
+    return min(proportional, max(secant, 0.5 * proportional))
 
 
 def removable_groups(model: nn.Module, graph: ChannelGraph) -> tuple[tuple[str, ...], ...]:

@@ -111,6 +111,24 @@ def test_solve_to_measured_tightens_until_the_device_agrees():
     assert [h["limit"] for h in history] == sorted((h["limit"] for h in history), reverse=True)
 
 
+def test_solve_to_measured_follows_a_fixed_overhead_in_few_steps():
+    """A device with a fixed overhead (half the budget) on top of the table: proportional steps alone would still
+    be over after four measurements; the line through the last two gets under at the third."""
+    from test_solve import random_problem
+
+    from pruning.search import solve_to_measured
+    from pruning.solve import Constraint, KnapsackProblem
+
+    p = random_problem(11, kind="table")
+    table = p.constraints[0].cost
+    allowed = 0.8 * table()
+    p = KnapsackProblem(p.scores, [Constraint(table, allowed, "0.8")], p.full_widths)
+    measure = lambda sol: 0.5 * allowed + table({**p.full_widths, **sol.widths})  # noqa: E731
+    solution, history = solve_to_measured(p, measure, allowed, iterations=3)
+    assert history[-1]["met"] and len(history) == 3
+    assert 0.9 * allowed <= measure(solution) <= allowed  # close under it (the widths are coarse), not far below
+
+
 def test_search_with_the_device_in_the_loop(b1):
     """search(..., measured=...): a device measuring 10% above the MACs count: solved again until it agrees."""
     from pruning.search import MeasuredLimit
