@@ -18,7 +18,9 @@ model's MACs are an exact function of the group widths; :mod:`pruning.cost` eval
 """
 from __future__ import annotations
 
+import contextlib
 import fnmatch
+import io
 import math
 import operator
 from dataclasses import dataclass, field, replace
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
+from .errors import UserInputError
 from .layers import ChannelMap, LayerCost, UnsupportedLayerError, find_rule
 
 INPUT_GROUP = "input"
@@ -876,9 +879,16 @@ def build_channel_graph(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
+        # ShapeProp prints the traceback of a failing node itself; the error below carries its cause instead
+        with torch.no_grad(), contextlib.redirect_stderr(io.StringIO()):
             param = next(model.parameters())
             ShapeProp(gm).propagate(torch.zeros(1, in_chans, *hw, device=param.device, dtype=param.dtype))
+    except Exception as e:  # a kernel larger than the feature map, a model asserting its input size, ...
+        cause = e.__cause__ or e
+        raise UserInputError(
+            f"{type(model).__name__} does not run on a {in_chans}x{hw[0]}x{hw[1]} input ({type(cause).__name__}: "
+            f"{str(cause).splitlines()[0] if str(cause) else 'no message'}); choose an input size it accepts "
+            "(model.img_size), e.g. the one it was trained at") from e
     finally:
         model.train(was_training)
     discovery = _Discovery(gm, model, patterns)

@@ -249,6 +249,14 @@ def test_unsupported_operations_are_named(model, needle):
         build_channel_graph(model, 8, protected=[])
 
 
+def test_an_input_size_the_model_cannot_run_is_named(capsys):
+    from pruning.errors import UserInputError
+
+    with pytest.raises(UserInputError, match=r"Sequential does not run on a 3x2x2 input \(RuntimeError: .*model.img_size"):
+        build_channel_graph(nn.Sequential(nn.Conv2d(3, 4, 3), nn.Conv2d(4, 2, 1)), 2, protected=[])
+    assert "Traceback" not in capsys.readouterr().err  # the cause is in the message, not a traceback dump
+
+
 def test_graph_building_leaves_model_unchanged(model_cache):
     model = model_cache("efficientnet_b0").train()
     before = {k: v.clone() for k, v in model.state_dict().items()}
