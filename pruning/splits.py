@@ -1,8 +1,8 @@
 """Split rules: modules whose forward cuts the channel tensor at sizes the module holds.
 
 MixNet's grouped kernels (``torch.split(x, self.splits, 1)``), CSP's partial blocks
-(``x.split(self.expand_chs // 2, dim=1)``) and ReXNet's partial residual (``x[:, 0:self.in_channels]``) cut
-their channels at sizes read from attributes. torch.fx records those sizes as constants, so the channel graph
+(``x.split(self.expand_chs // 2, dim=1)``), Res2Net's hierarchical blocks (``torch.split(out, self.width, 1)``)
+and ReXNet's partial residual (``x[:, 0:self.in_channels]``) cut their channels at sizes read from attributes. torch.fx records those sizes as constants, so the channel graph
 knows where each cut falls (:class:`pruning.graph.ChannelCut`), and the pruned module must be told its new
 sizes: that is a split rule's one job. A module type is supported by registering one::
 
@@ -86,6 +86,7 @@ def _equal_halves(cut: tuple[int, ...], where: str) -> int:
 def _register_timm() -> None:
     from timm.layers.mixed_conv2d import MixedConv2d
     from timm.models.cspnet import CrossStage, CrossStage3
+    from timm.models.res2net import Bottle2neck
     from timm.models.rexnet import LinearBottleneck
 
     @register_split_rule(MixedConv2d)
@@ -103,6 +104,13 @@ def _register_timm() -> None:
 
         def resize(self, module: nn.Module, cuts: list[tuple[int, ...]]) -> None:
             module.expand_chs = 2 * _equal_halves(cuts[0], type(module).__name__)
+
+    @register_split_rule(Bottle2neck)
+    class Res2NetSplit(SplitRule):
+        """``torch.split(out, self.width, 1)`` into ``scale`` parts, which the graph ties (equal widths)."""
+
+        def resize(self, module: nn.Module, cuts: list[tuple[int, ...]]) -> None:
+            module.width = cuts[0][0]
 
     @register_split_rule(LinearBottleneck)
     class ReXNetSplit(SplitRule):

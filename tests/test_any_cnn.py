@@ -26,7 +26,7 @@ from pruning.timm_spec import load_timm_format
 
 GROUPED = ["regnetx_002", "resnext26ts"]
 CONCAT = ["densenet121", "ghostnet_100"]  # channel concatenation (issue 16)
-SPLIT = ["mixnet_s", "rexnet_100", "cs3darknet_s", "cspresnet50"]  # channel splits and slices at held sizes
+SPLIT = ["mixnet_s", "rexnet_100", "cs3darknet_s", "cspresnet50", "res2net50_26w_4s"]  # channel splits and slices at held sizes
 CONVNEXT = ["convnext_atto", "convnext_tiny"]  # LayerNorm2d; permute -> LayerNorm -> Linear (channels last)
 MODELS = [*GROUPED, *CONVNEXT, *CONCAT, *SPLIT]
 
