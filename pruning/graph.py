@@ -629,7 +629,10 @@ class _Discovery:
 
     def _permute(self, node: fx.Node, inputs: list[fx.Node], where: str) -> None:
         """``x.permute(0, 2, 3, 1)`` and back: the channels move to another dim (ConvNeXt's channels-last MLP)."""
-        dims = node.args[1:] if len(node.args) > 2 or not isinstance(node.args[1], (tuple, list)) else node.args[1]
+        dims = node.args[1:] or node.kwargs.get("dims", ())
+        dims = dims[0] if len(dims) == 1 and isinstance(dims[0], (tuple, list)) else dims
+        if len(dims) != len(_shape(node)) or not all(isinstance(d, int) for d in dims):
+            raise UnsupportedLayerError(f"{where} permutes by {dims!r}; only constant dims are supported")
         dims = [d % len(dims) for d in dims]
         if dims[0] != 0:
             raise UnsupportedLayerError(f"{where} permutes the batch dim ({tuple(dims)}); not supported")
