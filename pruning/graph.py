@@ -785,9 +785,9 @@ def _class_names(d: _Discovery) -> dict[int, str]:
     return names
 
 
-def _node_uses(d: _Discovery) -> list[NodeUse]:
-    """Every node that does work, with the groups of its output and tensor inputs."""
-    names, leaves = _class_names(d), d.classes.leaves
+def _node_uses(d: _Discovery, names: dict[int, str]) -> list[NodeUse]:
+    """Every node that does work, with the groups of its output and tensor inputs (``names``: leaf -> group)."""
+    leaves = d.classes.leaves
     uses = []
     for node in d.gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method") or node not in d.chan:
@@ -807,11 +807,11 @@ def _node_uses(d: _Discovery) -> list[NodeUse]:
     return uses
 
 
-def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, ChannelGroup], list[LayerUse]]:
+def _assemble(d: _Discovery, names: dict[int, str],
+              patterns: Sequence[str]) -> tuple[dict[str, ChannelGroup], list[LayerUse]]:
     """Groups (one per leaf class) and layer uses: a layer on concatenated channels is one member per segment,
     with the segment's offset, and one cost term per pair of segments (their sum is the layer's exact cost)."""
     segments = d.classes.segments
-    names = _class_names(d)
     groups: dict[str, ChannelGroup] = {}
     for leaf in sorted(names):  # leaves are created in execution order
         groups[names[leaf]] = ChannelGroup(name=names[leaf], width=d.classes.width[leaf], blocks=d.classes.blocks[leaf])
@@ -839,8 +839,7 @@ def _assemble(d: _Discovery, patterns: Sequence[str]) -> tuple[dict[str, Channel
     return groups, layers
 
 
-def _channel_cuts(d: _Discovery) -> list[ChannelCut]:
-    names = _class_names(d)
+def _channel_cuts(d: _Discovery, names: dict[int, str]) -> list[ChannelCut]:
     parts = lambda cs: tuple(() if c is None else tuple(names[leaf] for leaf in d.classes.leaves(c)) for c in cs)  # noqa: E731
     return [ChannelCut(module, node, parts(cs)) for module, node, cs in d.cuts]
 
@@ -896,6 +895,8 @@ def build_channel_graph(
         model.train(was_training)
     discovery = _Discovery(gm, model, patterns)
     discovery.run()
-    groups, layers = _assemble(discovery, patterns)
+    names = _class_names(discovery)  # leaf class -> group name, once for groups, node uses and cuts
+    groups, layers = _assemble(discovery, names, patterns)
     name = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
-    return ChannelGraph(name, (in_chans, *hw), groups, layers, patterns, _node_uses(discovery), _channel_cuts(discovery))
+    return ChannelGraph(name, (in_chans, *hw), groups, layers, patterns, _node_uses(discovery, names),
+                        _channel_cuts(discovery, names))

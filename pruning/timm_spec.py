@@ -130,8 +130,7 @@ def save_timm_format(model: nn.Module, spec_path: str, state_dict_path: str, bas
         SpecUnsupportedError: the model has removed blocks, grouped convs or resized channel splits, or timm's
             adapter would rebuild a layer at another shape; nothing is written.
     """
-    check_spec_expressible(model)
-    spec = spec_from_model(model)
+    spec = spec_from_model(model)  # checks that the spec can express the model
     if base_model is not None:
         _check_adapter_rebuilds(model, base_model, spec)
     atomic_write_text(spec_path, spec + "\n")
