@@ -91,6 +91,7 @@ def run_one(name: str, img_size: int, batch: int, args: argparse.Namespace) -> d
         "backend": args.backend,
         "align": 1 if args.any_width else table.align, "table_align": table.align, "table": table.path,
         "table_reused": table.reused, "table_seconds": table_seconds, "profile_seconds": table.seconds,
+        "profile_phase_seconds": table.phase_seconds,
         "measured_shapes": table.measured, "table_parent_ms": table.parent_ms,
         "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
         "median_abs_error_vs_parent": statistics.median(relative), "max_abs_error_vs_parent": max(relative),
@@ -101,7 +102,8 @@ def run_one(name: str, img_size: int, batch: int, args: argparse.Namespace) -> d
 def print_result(r: dict) -> None:
     print(f"\n{r['model']} @ {r['img_size']}, batch {r['batch']}, {r['device']}, {r['threads']} threads, {r['backend']}; widths: "
           f"multiples of {r['align']}; table {'reused' if r['table_reused'] else 'profiled'} "
-          f"({r['measured_shapes']} shapes, {r['profile_seconds']:.0f} s to profile)")
+          f"({r['measured_shapes']} shapes, {r['profile_seconds']:.0f} s to profile: "
+          f"{', '.join(f'{k} {v:.1f} s' for k, v in r.get('profile_phase_seconds', {}).items())})")
     print(f"parent when profiled {r['table_parent_ms']:.2f} ms, now {r['points'][0]['measured_ms']:.2f} ms")
     print("| config | blocks removed | predicted ms | measured ms | error | error as a fraction of the parent |")
     print("|---|---|---|---|---|---|")

@@ -129,6 +129,42 @@ def test_save_load_roundtrip(b0_table, graphs, tmp_path):
     widths = {g: max(1, w // 3) for g, w in b0_table.cost().full_widths.items() if g in b0_table.grids}
     assert again.cost(graphs("efficientnet_b0", 32))(widths) == pytest.approx(b0_table.cost()(widths))
     assert again.meta == b0_table.meta and again.align == b0_table.align
+    assert again.phase_seconds == b0_table.phase_seconds
+
+
+def test_profiling_time_is_split_into_phases(b0_table):
+    phases = b0_table.phase_seconds
+    assert set(phases) == {"alignment", "nodes", "blocks", "calibration"}
+    assert all(v >= 0 for v in phases.values()) and phases["nodes"] > 0 and phases["calibration"] > 0
+    assert sum(phases.values()) <= b0_table.seconds
+    assert "nodes" in b0_table.summary()
+
+
+def test_profiling_turns_cudnn_autotuning_off_and_restores_it(model_cache, graphs, monkeypatch):
+    seen = []
+    measure = lat.profiler._measure_jobs
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.cudnn.benchmark)
+        return measure(*args, **kwargs)
+
+    monkeypatch.setattr(lat.profiler, "_measure_jobs", spy)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", True)  # as timm's train script leaves it
+    profile_latency(model_cache("resnet18"), graphs("resnet18", 32), **{**QUICK, "grid": (1.0,), "calibration": ()})
+    assert seen and not any(seen)  # autotuning every shape of a table costs more than timing it
+    assert torch.backends.cudnn.benchmark is True
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not HAS_CUDA, reason="no CUDA"))])
+def test_node_inputs_are_drawn_on_the_device_and_seeded(device):
+    from pruning.latency.nodes import _random_inputs
+
+    shapes = [(2, 3, 4, 4), (1, 5)]
+    first = _random_inputs(shapes, device, torch.bfloat16)
+    again = _random_inputs(shapes, device, torch.bfloat16)
+    assert [tuple(x.shape) for x in first] == shapes
+    assert all(x.device.type == device and x.dtype == torch.bfloat16 for x in first)
+    assert all(torch.equal(a, b) for a, b in zip(first, again)) and first[0].std() > 0.5
 
 
 def test_monotone_keeps_the_lower_envelope():

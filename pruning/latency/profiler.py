@@ -13,12 +13,12 @@ from torch import nn
 
 from ..graph import ChannelGraph, NodeUse
 from ..layers import UnsupportedLayerError
-from .nodes import _Job, _Planner, _resize
+from .nodes import _Job, _Planner, _random_inputs, _resize
 from .settings import (CALIBRATION_FRACTIONS, DEFAULT_GRID, DTYPES, LatencyTableError, _dtype_name, check_settings,
                        table_meta, table_path)
 from .table import LatencyTable, NodeTiming, _block_finder, align_width, make_grids
-from .timing import (_lookup, _measure_jobs, _monotone, _node_runner, _sync, _threads, _time_ms, measure_latency,
-                     steady_allocator)
+from .timing import (_lookup, _measure_jobs, _monotone, _no_autotuning, _node_runner, _stopwatch, _sync, _threads,
+                     _time_ms, measure_latency, steady_allocator)
 
 
 # ------------------------------------------------------------------------------------------------ alignment
@@ -55,8 +55,7 @@ def detect_alignment(*, batch: int = 1, device: str = "cpu", backend: str = "tor
         def build() -> tuple[nn.Module, tuple[torch.Tensor, ...]]:
             conv = (nn.Conv2d(width, width, 3, padding=1, groups=width, bias=False) if depthwise
                     else nn.Conv2d(width, width, 1, bias=False))
-            x = torch.randn(batch, width, 56, 56, generator=torch.Generator().manual_seed(0))
-            return conv.to(device, dtype).eval(), (x.to(device, dtype),)
+            return conv.to(device, dtype).eval(), _random_inputs([(batch, width, 56, 56)], device, dtype)
 
         key = f"probe:{'dw' if depthwise else 'pw'}:{width}"
         jobs[key] = _Job(key, build)
@@ -101,8 +100,11 @@ def profile_latency(model: nn.Module, graph: ChannelGraph, *, batch: int = 1, th
         rounds: interleaved end-to-end rounds of the calibration.
         calibration: uniform keep fractions of the pruned models the calibration is fitted on (with the parent).
 
+    On CUDA, cuDNN picks each conv's kernel by its heuristics while profiling (``cudnn.benchmark`` is switched
+    off, then restored): autotuning would try every algorithm at each of the table's shapes (1,561 for efficientnet_b0 @224).
+
     Returns:
-        The :class:`LatencyTable`.
+        The :class:`LatencyTable` (``phase_seconds``: where the profiling time went).
 
     Raises:
         ValueError: bad settings (before any work).
@@ -117,26 +119,32 @@ def profile_latency(model: nn.Module, graph: ChannelGraph, *, batch: int = 1, th
                       backend=backend, dtype=dtype, grid=grid, align=align)
     if str(device) == "cpu":
         steady_allocator()
-    with _threads(threads) as n_threads, torch.no_grad():
+    phases: dict[str, float] = {}
+    with _threads(threads) as n_threads, torch.no_grad(), _no_autotuning():
         torch.set_flush_denormal(True)  # in-place activations timed over and over must not reach denormals
         runner = _node_runner(backend, n_threads)
-        if align == "auto":
-            align = detect_alignment(batch=batch, device=device, backend=backend, dtype=torch_dtype, runner=runner)
+        with _stopwatch(phases, "alignment"):
+            if align == "auto":
+                align = detect_alignment(batch=batch, device=device, backend=backend, dtype=torch_dtype, runner=runner)
         grids = make_grids(graph, grid, align)
         planner = _Planner(model, graph, grids, batch, torch_dtype, device)
         plans = [(use, *planner.plan(use)) for use in graph.nodes]
         blocks = _removable_blocks(model, graph)
-        times = _measure_jobs(planner.jobs, runner, device, progress=progress, repeats=repeats,
-                              min_seconds=min_seconds, passes=passes)
-        overheads = _block_overheads(model, graph, blocks, runner, device=device, dtype=torch_dtype,
-                                     repeats=repeats, min_seconds=min_seconds, passes=passes)
+        with _stopwatch(phases, "nodes"):
+            times = _measure_jobs(planner.jobs, runner, device, progress=progress, repeats=repeats,
+                                  min_seconds=min_seconds, passes=passes)
+        with _stopwatch(phases, "blocks"):
+            overheads = _block_overheads(model, graph, blocks, runner, device=device, dtype=torch_dtype,
+                                         repeats=repeats, min_seconds=min_seconds, passes=passes)
         nodes = [NodeTiming(use.name, use.module_scope, varying, _monotone(_lookup(times, keys)))
                  for use, varying, keys in plans]
         table = LatencyTable(meta=meta, grids=grids, nodes=nodes, parent_ms=float("nan"), align=align, blocks=blocks,
                              block_overhead_ms=overheads, measured=len(planner.jobs),
-                             node_points=int(sum(keys.size for _, _, keys in plans)))
-        _calibrate(table, model, graph, calibration, batch=batch, threads=n_threads, device=device, backend=backend,
-                   dtype=torch_dtype, rounds=rounds)
+                             node_points=int(sum(keys.size for _, _, keys in plans)),
+                             phase_seconds=phases)  # the calibration's time is added below
+        with _stopwatch(phases, "calibration"):
+            _calibrate(table, model, graph, calibration, batch=batch, threads=n_threads, device=device,
+                       backend=backend, dtype=torch_dtype, rounds=rounds)
         torch.set_flush_denormal(False)
     table.seconds = time.perf_counter() - start
     return table
@@ -246,9 +254,9 @@ def _block_overheads(model: nn.Module, graph: ChannelGraph, blocks: Sequence[Map
         shape = _resize(first_input[b["module"]].input_shapes[0], 1, None)
         signature = f"{module!r}|{shape}"
         if signature not in seen:
-            x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
             whole = copy.deepcopy(module).to(device, dtype).eval()
-            seen[signature] = _time_ms(runner(whole, (x,)), sync, min_seconds=min_seconds, repeats=repeats)
+            seen[signature] = _time_ms(runner(whole, _random_inputs([shape], device, dtype)), sync,
+                                       min_seconds=min_seconds, repeats=repeats)
         out[b["module"]] = max(0.0, seen[signature] - sum(node_ms[k] for k in keys[b["module"]]))
     return out
 

@@ -72,6 +72,8 @@ class LatencyTable:
         measured: number of distinct shapes measured.
         node_points: number of (node, grid point) pairs the measured shapes cover (deduplication).
         seconds: wall time the profiling took.
+        phase_seconds: where it went: ``alignment`` (the probe), ``nodes`` (the per-node timings), ``blocks``
+            (the blocks' call overhead) and ``calibration`` (the end-to-end fit).
     """
 
     meta: dict[str, Any]
@@ -87,6 +89,7 @@ class LatencyTable:
     measured: int = 0
     node_points: int = 0
     seconds: float = 0.0
+    phase_seconds: dict[str, float] = field(default_factory=dict)
     path: str | None = None  # where it was loaded from or saved to (not stored)
     reused: bool = False  # True when load_or_profile found it in the cache (not stored)
 
@@ -136,6 +139,7 @@ class LatencyTable:
             f"{len(self.nodes)} nodes x grid points = {self.node_points} timings needed, {self.measured} distinct "
             f"shapes measured; {len(self.grids)} prunable groups sampled at multiples of {self.align} (prune with "
             f"round_to={self.align}); {len(self.blocks)} removable blocks; profiled in {self.seconds:.0f} s"
+            + (f" ({', '.join(f'{k} {v:.0f} s' for k, v in self.phase_seconds.items())})" if self.phase_seconds else "")
         )
 
     # -- persistence
@@ -148,6 +152,7 @@ class LatencyTable:
             "parent_ms": self.parent_ms, "align": self.align, "overhead_ms": self.overhead_ms, "scale": self.scale,
             "calibration": self.calibration, "blocks": self.blocks, "block_overhead_ms": self.block_overhead_ms,
             "measured": self.measured, "node_points": self.node_points, "seconds": self.seconds,
+            "phase_seconds": self.phase_seconds,
         }
 
     @classmethod
@@ -166,7 +171,7 @@ class LatencyTable:
             overhead_ms=float(d["overhead_ms"]), scale=float(d["scale"]), calibration=list(d.get("calibration", [])),
             blocks=list(d.get("blocks", [])), block_overhead_ms=dict(d.get("block_overhead_ms", {})),
             measured=int(d.get("measured", 0)), node_points=int(d.get("node_points", 0)),
-            seconds=float(d.get("seconds", 0.0)),
+            seconds=float(d.get("seconds", 0.0)), phase_seconds=dict(d.get("phase_seconds", {})),
         )
 
     def save(self, path: str | os.PathLike) -> None:

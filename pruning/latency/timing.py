@@ -2,12 +2,13 @@
 count, the backends' runners (torch, ONNX Runtime), and end-to-end latency (:func:`measure_latency`)."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import platform
 import time
-from typing import TYPE_CHECKING, Any, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -51,6 +52,27 @@ def _time_ms(fn: Callable[[], Any], sync: Callable[[], None], *, min_seconds: fl
         sync()
         samples.append((time.perf_counter() - start) / n)
     return min(samples) * 1e3
+
+
+@contextlib.contextmanager
+def _stopwatch(into: dict[str, float], name: str) -> Iterator[None]:
+    """Add the seconds the ``with`` body takes to ``into[name]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[name] = into.get(name, 0.0) + time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _no_autotuning() -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` off in the body, then as it was (see :func:`profile_latency`)."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 def _settled(samples: Sequence[float], tolerance: float) -> bool:
