@@ -91,7 +91,9 @@ def run_one(name: str, img_size: int, batch: int, args: argparse.Namespace) -> d
         "backend": args.backend,
         "align": 1 if args.any_width else table.align, "table_align": table.align, "table": table.path,
         "table_reused": table.reused, "table_seconds": table_seconds, "profile_seconds": table.seconds,
-        "profile_phase_seconds": table.phase_seconds,
+        "profile_phase_seconds": table.phase_seconds, "calibration": table.calibration,
+        "calibration_fit": {"overhead_ms": table.overhead_ms, "scale": table.scale,
+                            "block_overhead_ms": sum(table.block_overhead_ms.values())},
         "measured_shapes": table.measured, "table_parent_ms": table.parent_ms,
         "median_abs_error": statistics.median(errors), "max_abs_error": max(errors),
         "median_abs_error_vs_parent": statistics.median(relative), "max_abs_error_vs_parent": max(relative),
@@ -105,6 +107,10 @@ def print_result(r: dict) -> None:
           f"({r['measured_shapes']} shapes, {r['profile_seconds']:.0f} s to profile: "
           f"{', '.join(f'{k} {v:.1f} s' for k, v in r.get('profile_phase_seconds', {}).items())})")
     print(f"parent when profiled {r['table_parent_ms']:.2f} ms, now {r['points'][0]['measured_ms']:.2f} ms")
+    fit = r["calibration_fit"]
+    print(f"calibration: {fit['overhead_ms'] + fit['block_overhead_ms']:+.2f} ms + {fit['scale']:.3f} x node sum, "
+          "fitted on " + ", ".join(f"{c['config']} {c['node_sum_ms']:.2f} -> {c['measured_ms']:.2f} ms"
+                                    for c in r["calibration"]))
     print("| config | blocks removed | predicted ms | measured ms | error | error as a fraction of the parent |")
     print("|---|---|---|---|---|---|")
     for p in r["points"]:

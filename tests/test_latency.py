@@ -167,6 +167,17 @@ def test_node_inputs_are_drawn_on_the_device_and_seeded(device):
     assert all(torch.equal(a, b) for a, b in zip(first, again)) and first[0].std() > 0.5
 
 
+@pytest.mark.parametrize("points, expected", [
+    ([(10.0, 14.0), (6.0, 10.0), (3.0, 7.0)], (4.0, 1.0)),      # CPU: what only the whole model pays
+    ([(7.0, 6.7), (6.5, 5.2), (6.2, 4.3)], (-14.3, 3.0)),       # GPU: launches overlap the previous node's work
+    ([(10.0, 5.0), (9.0, 1.0), (8.0, 0.5)], (0.0, 63 / 245)),  # a line negative at a fitted point: origin
+])
+def test_calibration_fit(points, expected):
+    from pruning.latency.profiler import _fit_calibration
+
+    assert _fit_calibration(points) == pytest.approx(expected, abs=0.02)
+
+
 def test_monotone_keeps_the_lower_envelope():
     noisy = np.array([[1.0, 5.0, 2.0], [0.5, 3.0, 4.0]])  # 5.0: a noisy narrow point
     out = lat._monotone(noisy)

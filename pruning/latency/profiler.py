@@ -176,12 +176,19 @@ def _uniform_widths(grids: Mapping[str, tuple[int, ...]], full: Mapping[str, int
 
 
 def _fit_calibration(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
-    """Least squares ``measured = overhead + scale * node_sum`` with overhead >= 0 and scale > 0."""
+    """Least squares ``measured = overhead + scale * node_sum`` with scale > 0, positive at every point.
+
+    The overhead is positive on a CPU (what only the whole model pays: container calls, cold caches). On a GPU
+    it can be negative: a node timed alone waits for its own launch, but in the whole model the GPU runs one
+    node while the host launches the next, so the whole model takes less than the sum of its nodes (H200,
+    efficientnet_b0 @224 batch 64: 6.8 ms end to end, 8.2-8.7 ms of isolated node times). Forcing the line
+    through the origin there made pruned models 19% faster than predicted.
+    """
     x = np.array([p[0] for p in points])
     y = np.array([p[1] for p in points])
     if len(points) >= 2 and np.ptp(x) > 1e-9:
         scale, overhead = np.polyfit(x, y, 1)
-        if overhead >= 0 and scale > 0:
+        if scale > 0 and overhead + scale * x.min() > 0:
             return float(overhead), float(scale)
     scale = float(np.dot(x, y) / np.dot(x, x))  # through the origin
     return 0.0, scale if scale > 0 else 1.0
