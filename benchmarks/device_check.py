@@ -1,7 +1,7 @@
 """The GPU paths in one command: AMP fine-tuning with resume, throughput, step costs, the app under torchrun, and
 CUDA latency tables. Prints one table and writes ``device_check.json``.
 
-    python benchmarks/device_check.py                      # real sizes on a GPU (about 5 minutes on one H100)
+    python benchmarks/device_check.py                      # real sizes on a GPU (4 minutes on one H200)
     python benchmarks/device_check.py --tiny               # the same code at tiny sizes (what a CPU machine runs)
     python benchmarks/device_check.py --sections app latency --out outputs/device_check.json   # a rerun of some
 
@@ -59,7 +59,7 @@ from pruning.count import count_model
 from pruning.importance import create_importance
 from pruning.paper import paper_widths
 from pruning.search import search
-from pruning.speed import interleaved_speed
+from pruning.speed import cudnn_autotuning, interleaved_speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTIONS = ("finetune", "throughput", "step_costs", "app", "latency")
@@ -226,11 +226,8 @@ def check_throughput(sizes: Sizes, device: torch.device, models: Callable[[], di
     m = models()
     candidates = {"dense b1": m["dense"], "timm b1_pruned": create_model("efficientnet_b1_pruned"), "ours": m["ours"]}
     timed = {k: (_Inference(v, sizes.tp_amp, device), sizes.img_size) for k, v in candidates.items()}
-    torch.backends.cudnn.benchmark = True  # as timm's benchmark; only here: it autotunes every new shape it meets
-    try:
+    with cudnn_autotuning(True):  # as timm's benchmark
         seconds = interleaved_speed(timed, sizes.tp_batch, rounds=sizes.tp_rounds, repeats=3, device=device)
-    finally:
-        torch.backends.cudnn.benchmark = False
     rows = {k: {"macs": count_model(v, sizes.img_size).macs, "img_per_s": sizes.tp_batch / seconds[k],
                 "vs_dense": seconds["dense b1"] / seconds[k]} for k, v in candidates.items()}
     section.details = {"batch": sizes.tp_batch, "img_size": sizes.img_size, "amp": sizes.tp_amp, "channels_last": True,

@@ -1,13 +1,15 @@
-"""CPU/GPU speed measurements: batch-1 latency and batch throughput, interleaved across models.
+"""CPU/GPU speed measurements: batch-1 latency and batch throughput, interleaved across models; cuDNN's
+autotuning switch.
 
 Models are timed round by round in turn (A, B, C, A, B, C, ...) and the median of the rounds is kept, so a
 noisy machine slows every model alike and ratios stay meaningful.
 """
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import torch
 from torch import nn
@@ -18,6 +20,23 @@ def synchronize(device: torch.device) -> None:
     real; a no-op on the CPU."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+@contextlib.contextmanager
+def cudnn_autotuning(enabled: bool) -> Iterator[None]:
+    """``torch.backends.cudnn.benchmark`` set to ``enabled`` in the body, then as it was.
+
+    Autotuning times every cuDNN algorithm at each new conv shape once, then runs the fastest: worth it for
+    training (thousands of steps at a few shapes), not for profiling (thousands of shapes, each timed a few
+    times). The choice made at a shape's first use sticks for the rest of the process, whatever the switch says
+    later.
+    """
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
 
 
 @torch.no_grad()

@@ -61,6 +61,18 @@ def test_teacher_is_left_unchanged(pair, data_root, tmp_path):
     assert not any(h for m in student.modules() for h in (m._forward_hooks,))  # no hook left behind
 
 
+@pytest.mark.parametrize("autotune", [True, False])
+def test_cudnn_autotuning_follows_the_config_during_the_run_only(pair, data_root, tmp_path, monkeypatch, autotune):
+    teacher, student = pair
+    trainer = Trainer(student, teacher, image_dataset(data_root), create_loss("inner"),
+                      TrainConfig(**FAST, max_steps=1, cudnn_benchmark=autotune), str(tmp_path), progress=False)
+    seen, step = [], trainer.train_step
+    monkeypatch.setattr(trainer, "train_step", lambda *a: (seen.append(torch.backends.cudnn.benchmark), step(*a))[1])
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", not autotune)
+    trainer.run()
+    assert seen == [autotune] and torch.backends.cudnn.benchmark is (not autotune)
+
+
 def test_checkpoint_contents_and_finished_run(pair, data_root, tmp_path):
     teacher, student = pair
     cfg = TrainConfig(**FAST, epochs=2, checkpoint_every_steps=4, ema_decay=0.9)  # 24 images / 4: 6 steps per epoch

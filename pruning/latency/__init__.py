@@ -25,6 +25,12 @@ What the measurements showed, and the design choices they forced (2-core AVX-512
   memory (:func:`steady_allocator`), which made end-to-end times depend on the process's history (b0 @224
   batch 32: 800 vs 270 ms); timings here run with the steady allocator.
 
+On a GPU (H200, eager torch) small models run launch-bound: the GPU runs one node while the host launches the
+next, so node times add up to more than the whole model, and pruned models floor at the host's launch time
+(efficientnet_b0 @224 batch 64: 6.8 ms, 8.2-8.7 ms of node times, ~5 ms at any narrower width). The calibrated
+sum then predicts within 8-19% median, 15-23% max (``benchmarks/README.md``, GPU paths); CUDA tables are
+profiled with cuDNN autotuning off and their inputs drawn on the GPU (13-17 s for b0 @224).
+
 Tables are cached on disk, keyed by everything they depend on (device, threads, batch, dtype, backend,
 library versions, model, input size, groups, grid)::
 

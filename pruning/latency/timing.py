@@ -64,17 +64,6 @@ def _stopwatch(into: dict[str, float], name: str) -> Iterator[None]:
         into[name] = into.get(name, 0.0) + time.perf_counter() - start
 
 
-@contextlib.contextmanager
-def _no_autotuning() -> Iterator[None]:
-    """``torch.backends.cudnn.benchmark`` off in the body, then as it was (see :func:`profile_latency`)."""
-    before = torch.backends.cudnn.benchmark
-    torch.backends.cudnn.benchmark = False
-    try:
-        yield
-    finally:
-        torch.backends.cudnn.benchmark = before
-
-
 def _settled(samples: Sequence[float], tolerance: float) -> bool:
     """True when the two fastest of ``samples`` agree within ``tolerance`` (relative) or 2 microseconds."""
     if len(samples) < 2:
