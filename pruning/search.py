@@ -26,7 +26,7 @@ from .budget import Budget, check_feasible, resolve_budget
 from .cost import CostModel
 from .graph import ChannelGraph
 from .prune import prune_model
-from .solve import Constraint, KnapsackProblem, Solution, solve
+from .solve import GAP_TOL, TIME_LIMIT, Constraint, KnapsackProblem, Solution, solve
 
 
 @dataclass
@@ -89,8 +89,8 @@ def choose_channels(
     round_to: int = 1,
     min_keep_fraction: float = 0.0,
     removable: Sequence[tuple[str, ...]] = (),
-    time_limit: float = 10.0,
-    gap_tol: float = 1e-6,
+    time_limit: float = TIME_LIMIT,
+    gap_tol: float = GAP_TOL,
     solver_options: Mapping[str, Any] | None = None,
     measured: MeasuredLimit | None = None,
 ) -> tuple[Solution, list[dict]]:
@@ -129,11 +129,11 @@ def search(
     solver: str = "exact",
     round_to: int = 1,
     min_keep_fraction: float = 0.0,
-    time_limit: float = 10.0,
+    time_limit: float = TIME_LIMIT,
     constraints: Sequence[Constraint] = (),
     allow_block_removal: bool = False,
     solver_options: Mapping[str, Any] | None = None,
-    gap_tol: float = 1e-6,
+    gap_tol: float = GAP_TOL,
     measured: MeasuredLimit | None = None,
 ) -> SearchResult:
     """Choose the channels to keep under ``budget`` (and any other ``constraints``) and build the pruned model.
@@ -171,8 +171,8 @@ def search(
 
 
 def solve_to_measured(problem: KnapsackProblem, measure: Callable[[Solution], float], allowed: float,
-                      cost_name: str = "latency", solver: str = "exact", time_limit: float = 10.0,
-                      gap_tol: float = 1e-6, iterations: int = 4, margin: float = 0.99,
+                      cost_name: str = "latency", solver: str = "exact", time_limit: float = TIME_LIMIT,
+                      gap_tol: float = GAP_TOL, iterations: int = 4, margin: float = 0.99,
                       solver_options: Mapping[str, Any] | None = None) -> tuple[Solution, list[dict]]:
     """Solve, measure the solution on the device, and while the measurement exceeds ``allowed``, lower the
     limit of ``cost_name`` and solve again: by the measured excess at first, then along the line through the

@@ -33,6 +33,9 @@ import numpy as np
 from ._registry import Registry, check_arguments
 from .cost import Cost
 
+# solve()'s defaults, also those of the search functions built on it (conf/solver/*.yaml set their own)
+TIME_LIMIT, GAP_TOL = 10.0, 1e-6
+
 
 @dataclass(frozen=True)
 class Constraint:
@@ -195,7 +198,7 @@ def check_solver(name: str, **options: Any) -> SolverFn:
 
 
 def solve(
-    problem: KnapsackProblem, solver: str = "exact", time_limit: float = 10.0, gap_tol: float = 1e-6,
+    problem: KnapsackProblem, solver: str = "exact", time_limit: float = TIME_LIMIT, gap_tol: float = GAP_TOL,
     **options: Any,
 ) -> Solution:
     """Choose the kept channels of every prunable group under every constraint.

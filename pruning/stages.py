@@ -45,7 +45,7 @@ from .plots import plot_kept_fractions, plot_learning_curve
 from .pools import TrainingPool, sampling_weights
 from .prune import prune_model
 from .recalibrate import recalibrate_bn
-from .solve import Constraint, Solution
+from .solve import GAP_TOL, TIME_LIMIT, Constraint, Solution
 
 if TYPE_CHECKING:  # the latency package imports profiling tools: only runs with a latency budget load it
     from .latency import LatencyTable
@@ -218,7 +218,7 @@ def _choose_channels(ctx: RunContext, scores: Scores,
                      measured: search.MeasuredLimit | None = None) -> tuple[Solution, list[dict]]:
     """The search of :func:`pruning.search.search` on the run's problem, without building the model."""
     b, options = ctx.cfg.budget, solver_options(ctx.cfg)
-    time_limit, gap_tol = options.pop("time_limit", 10.0), options.pop("gap_tol", 1e-6)  # solve()'s defaults
+    time_limit, gap_tol = options.pop("time_limit", TIME_LIMIT), options.pop("gap_tol", GAP_TOL)
     return search.choose_channels(ctx.graph, scores, ctx.constraints, ctx.cfg.solver.name, b.round_to,
                                   b.min_keep_fraction, ctx.removable, time_limit, gap_tol, options, measured)
 
