@@ -23,9 +23,7 @@ import tempfile
 import torch
 from torch.utils.data import TensorDataset
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AMP = {"fp32": dict(amp=None, channels_last=False), "bf16": dict(amp="bf16", channels_last=True),
-       "fp16": dict(amp="fp16", channels_last=True)}
+from device_check import AMP, ROOT, _batch
 
 
 def one_run(mode: str, autotune: bool, steps: int, batch: int, img_size: int) -> dict:
@@ -39,9 +37,7 @@ def one_run(mode: str, autotune: bool, steps: int, batch: int, img_size: int) ->
     teacher = create_model("efficientnet_b1").eval()
     graph = build_channel_graph(teacher, img_size)
     student = prune_to_widths(teacher, graph, paper_widths("flops_490M", graph))
-    gen = torch.Generator().manual_seed(0)
-    data = TensorDataset(torch.randn(2 * batch, 3, img_size, img_size, generator=gen),
-                         torch.randint(0, 1000, (2 * batch,), generator=gen))
+    data = TensorDataset(*_batch(2 * batch, img_size))
     cfg = TrainConfig(batch_size=batch, img_size=img_size, workers=0, lr=1e-3, log_every=1, max_steps=steps,
                       epochs=math.ceil(steps / 2), checkpoint_minutes=None, cudnn_benchmark=autotune, **AMP[mode])
     with tempfile.TemporaryDirectory() as out:

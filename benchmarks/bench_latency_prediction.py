@@ -101,11 +101,15 @@ def run_one(name: str, img_size: int, batch: int, args: argparse.Namespace) -> d
     }
 
 
+def phases_text(r: dict) -> str:
+    """Where a result's table profiling time went (``alignment 0.2 s, nodes 11.6 s, ...``)."""
+    return ", ".join(f"{k} {v:.1f} s" for k, v in r.get("profile_phase_seconds", {}).items())
+
+
 def print_result(r: dict) -> None:
     print(f"\n{r['model']} @ {r['img_size']}, batch {r['batch']}, {r['device']}, {r['threads']} threads, {r['backend']}; widths: "
           f"multiples of {r['align']}; table {'reused' if r['table_reused'] else 'profiled'} "
-          f"({r['measured_shapes']} shapes, {r['profile_seconds']:.0f} s to profile: "
-          f"{', '.join(f'{k} {v:.1f} s' for k, v in r.get('profile_phase_seconds', {}).items())})")
+          f"({r['measured_shapes']} shapes, {r['profile_seconds']:.0f} s to profile: {phases_text(r)})")
     print(f"parent when profiled {r['table_parent_ms']:.2f} ms, now {r['points'][0]['measured_ms']:.2f} ms")
     fit = r["calibration_fit"]
     print(f"calibration: {fit['overhead_ms'] + fit['block_overhead_ms']:+.2f} ms + {fit['scale']:.3f} x node sum, "

@@ -322,12 +322,8 @@ def check_latency(sizes: Sizes, device: torch.device, args: argparse.Namespace, 
         bench_latency_prediction.print_result(r)
     section.details = {"tables": [{k: v for k, v in r.items() if k not in ("points", "table")} for r in results],
                        "points": {r["batch"]: r["points"] for r in results}}
-    section.summary = "; ".join(f"batch {r['batch']}: table {r['profile_seconds']:.0f} s ({_phases(r)}), median |err| "
+    section.summary = "; ".join(f"batch {r['batch']}: table {r['profile_seconds']:.0f} s ({bench_latency_prediction.phases_text(r)}), median |err| "
                                 f"{100 * r['median_abs_error']:.1f}%, max {100 * r['max_abs_error']:.1f}%" for r in results)
-
-
-def _phases(result: dict) -> str:
-    return ", ".join(f"{k} {v:.0f} s" for k, v in result["profile_phase_seconds"].items())
 
 
 # ------------------------------------------------------------------------------------------------ driver

@@ -85,12 +85,13 @@ def _kept_per_layer_side(graph: ChannelGraph, keep_idx: Mapping[str, torch.Tenso
     order, the pruned groups' kept indices and the other groups' every channel, each shifted by its offset; it
     is sliced once. Sides holding no pruned group are left untouched.
     """
+    side = lambda m: (m.module, "in" if m.role == "in" else "out")  # noqa: E731  (a channelwise layer: its out)
     segments: dict[tuple[str, str], dict[int, torch.Tensor]] = {}
     for group in graph.groups.values():
         for m in group.members:
             idx = keep_idx.get(group.name, torch.arange(group.width))
-            segments.setdefault((m.module, "in" if m.role == "in" else "out"), {})[m.offset] = idx + m.offset
-    pruned = {(m.module, "in" if m.role == "in" else "out") for g in keep_idx for m in graph.groups[g].members}
+            segments.setdefault(side(m), {})[m.offset] = idx + m.offset
+    pruned = {side(m) for g in keep_idx for m in graph.groups[g].members}
     return {side: torch.cat([segs[o] for o in sorted(segs)]) for side, segs in segments.items() if side in pruned}
 
 

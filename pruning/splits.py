@@ -2,9 +2,10 @@
 
 MixNet's grouped kernels (``torch.split(x, self.splits, 1)``), CSP's partial blocks
 (``x.split(self.expand_chs // 2, dim=1)``), Res2Net's hierarchical blocks (``torch.split(out, self.width, 1)``)
-and ReXNet's partial residual (``x[:, 0:self.in_channels]``) cut their channels at sizes read from attributes. torch.fx records those sizes as constants, so the channel graph
-knows where each cut falls (:class:`pruning.graph.ChannelCut`), and the pruned module must be told its new
-sizes: that is a split rule's one job. A module type is supported by registering one::
+and ReXNet's partial residual (``x[:, 0:self.in_channels]``) cut their channels at sizes read from attributes.
+torch.fx records those sizes as constants, so the channel graph knows where each cut falls
+(:class:`pruning.graph.ChannelCut`), and the pruned module must be told its new sizes: that is a split rule's
+one job. A module type is supported by registering one::
 
     @register_split_rule(MyBlock)
     class MyBlockSplit(SplitRule):

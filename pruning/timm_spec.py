@@ -34,7 +34,13 @@ _ENTRY = re.compile(r"^([\w.\-]+):\[([\d,\s]*)\]$")
 
 
 class SpecUnsupportedError(UserInputError):
-    """The model cannot be written as a timm pruned spec (removed blocks, grouped convs, resized channel splits); other formats hold it."""
+    """The model cannot be written as a timm pruned spec (removed blocks, grouped convs, resized channel splits, a
+    layer timm's adapter does not resize); other formats hold it."""
+
+
+def _unsupported(why: str) -> SpecUnsupportedError:
+    return SpecUnsupportedError(f"{why}, so no timm-format files were written. pruned_checkpoint.pth (load it with "
+                                "pruning.artifacts.load_pruned) and the ONNX file hold this model.")
 
 
 def check_spec_expressible(model: nn.Module) -> None:
@@ -58,8 +64,7 @@ def check_spec_expressible(model: nn.Module) -> None:
                "pruned spec only resizes layers, so those modules would keep their old split sizes")
     else:
         return
-    raise SpecUnsupportedError(f"{why}, so no timm-format files were written. pruned_checkpoint.pth (load it with "
-                               "pruning.artifacts.load_pruned) and the ONNX file hold this model.")
+    raise _unsupported(why)
 
 
 def spec_from_model(model: nn.Module) -> str:
@@ -143,11 +148,9 @@ def _check_adapter_rebuilds(model: nn.Module, base_model: str, spec: str) -> Non
     rebuilt = adapt_to_spec(timm.create_model(base_model), spec).state_dict()
     wrong = next((k for k, v in model.state_dict().items() if k in rebuilt and rebuilt[k].shape != v.shape), None)
     if wrong is not None:
-        raise SpecUnsupportedError(
+        raise _unsupported(
             f"timm's pruned-spec adapter rebuilds {wrong!r} at {list(rebuilt[wrong].shape)}, not at the pruned "
-            f"{list(model.state_dict()[wrong].shape)} (it resizes convs, norms and the classifier's input only), so no "
-            "timm-format files were written. pruned_checkpoint.pth (load it with pruning.artifacts.load_pruned) and "
-            "the ONNX file hold this model.")
+            f"{list(model.state_dict()[wrong].shape)} (it resizes convs, norms and the classifier's input only)")
 
 
 def load_timm_format(base_model: str, spec_path: str, state_dict_path: str) -> nn.Module:
